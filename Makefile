@@ -1,0 +1,46 @@
+# Everything a person does twice. `make test` and `make bench` set everything up themselves:
+# .venv with pinned dependencies, then the fastdw extension built in place (ninja, incremental).
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+DEPS    := $(VENV)/.deps-stamp
+BUILD   := .stamp-build
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py Makefile
+
+.PHONY: all venv build test test-fast bench bench-quick lint format selftest clean distclean
+
+all: build
+
+$(DEPS): requirements.txt requirements-dev.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(DEPS)
+
+$(BUILD): $(DEPS) $(SOURCES)
+	MAX_JOBS=$${MAX_JOBS:-2} $(VPY) setup.py -q build_ext --inplace
+	# Put the checkout on the venv's path (an editable install without a second build).
+	echo "$(CURDIR)" > "$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/fastdw-checkout.pth"
+	touch $@
+
+build: $(BUILD)
+
+test: $(BUILD)
+	$(VPY) -m pytest tests -q -ra
+
+bench: $(BUILD)
+	$(VPY) -m bench.dwconv_bn_act
+
+lint: $(DEPS)
+	$(VPY) -m ruff check fastdw tests bench setup.py
+
+format: $(DEPS)
+	$(VPY) -m ruff format fastdw tests bench setup.py
+
+clean:
+	rm -rf build $(BUILD) fastdw/*.so
+
+distclean: clean
+	rm -rf $(VENV)

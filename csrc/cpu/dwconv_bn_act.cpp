@@ -1,0 +1,278 @@
+// CPU implementation of fastdw::dwconv_bn_act and its backward: argument checks, BatchNorm
+// folding, layout handling, then the kernels of csrc/cpu/dwconv_bn_act_impl.h for the best
+// instruction set of this CPU.
+//
+// Forward, eval: BN is folded into the weights once per call (w' = w * g / sqrt(v + eps),
+// b' = (b - m) * g / sqrt(v + eps) + beta): one pass, activation applied before the only store.
+// Forward, training: pass 1 writes z = conv(x) + b and reduces per-channel statistics in its
+// epilogue; pass 2 normalises and activates in place (the output is smaller than the input, so
+// this is cheaper than recomputing the conv).
+// Backward: recomputes z from x (nothing but x and per-channel vectors is saved), applies the
+// activation derivative, reduces the BN parameter gradients, then the conv input and weight
+// gradients.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "cpu/dwconv_bn_act_kernel.h"
+
+namespace fastdw::cpu {
+namespace {
+
+Act parse_act(const std::string& a) {
+  if (a == "relu") return Act::ReLU;
+  if (a == "relu6") return Act::ReLU6;
+  if (a == "hardswish") return Act::HardSwish;
+  if (a == "silu") return Act::SiLU;
+  TORCH_CHECK_VALUE(a == "none", "fastdw::dwconv_bn_act: unknown activation '", a,
+                    "'; expected relu, relu6, hardswish, silu or none");
+  return Act::None;
+}
+
+// Must agree with _is_channels_last() in fastdw/ops/dwconv_bn_act.py (fake kernel strides).
+bool is_channels_last(const at::Tensor& x) {
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+}
+
+std::vector<double> as_doubles(const std::optional<at::Tensor>& t, int64_t n, double fill) {
+  if (!t.has_value() || !t->defined()) return std::vector<double>(n, fill);
+  at::Tensor d = t->detach().to(at::kDouble).contiguous();
+  return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + n);
+}
+
+void check_vec(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x, int64_t C) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->device() == x.device(), "fastdw::dwconv_bn_act: ", name, " is on ", t->device(),
+              " but the input is on ", x.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), "fastdw::dwconv_bn_act: ", name,
+                   " must be floating point, got ", t->scalar_type());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C, "fastdw::dwconv_bn_act: ", name, " must have shape [",
+                    C, "], got ", t->sizes());
+}
+
+ConvShape make_shape(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+                     at::IntArrayRef dilation) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "fastdw::dwconv_bn_act: input must be 4-D [N, C, H, W], got ", x.dim(), "-D");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "fastdw::dwconv_bn_act (cpu): input must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), "fastdw::dwconv_bn_act: weight dtype ", w.scalar_type(),
+                   " does not match input dtype ", x.scalar_type());
+  TORCH_CHECK(w.device() == x.device(), "fastdw::dwconv_bn_act: weight is on ", w.device(), " but the input is on ",
+              x.device());
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(w.dim() == 4 && w.size(0) == C && w.size(1) == 1 && w.size(2) >= 1 && w.size(3) >= 1,
+                    "fastdw::dwconv_bn_act: weight must have shape [C, 1, kh, kw] with C = ", C, ", got ",
+                    w.sizes());
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+                    "fastdw::dwconv_bn_act: stride, padding and dilation must have 2 elements");
+  TORCH_CHECK_VALUE(stride[0] >= 1 && stride[1] >= 1, "fastdw::dwconv_bn_act: stride must be >= 1, got ", stride);
+  TORCH_CHECK_VALUE(dilation[0] >= 1 && dilation[1] >= 1, "fastdw::dwconv_bn_act: dilation must be >= 1, got ",
+                    dilation);
+  TORCH_CHECK_VALUE(padding[0] >= 0 && padding[1] >= 0, "fastdw::dwconv_bn_act: padding must be >= 0, got ",
+                    padding);
+  ConvShape s;
+  s.N = x.size(0);
+  s.C = C;
+  s.H = x.size(2);
+  s.W = x.size(3);
+  s.KH = w.size(2);
+  s.KW = w.size(3);
+  s.SH = stride[0];
+  s.SW = stride[1];
+  s.PH = padding[0];
+  s.PW = padding[1];
+  s.DH = dilation[0];
+  s.DW = dilation[1];
+  s.Ho = (s.H + 2 * s.PH - s.DH * (s.KH - 1) - 1) / s.SH + 1;
+  s.Wo = (s.W + 2 * s.PW - s.DW * (s.KW - 1) - 1) / s.SW + 1;
+  TORCH_CHECK_VALUE(s.H + 2 * s.PH - s.DH * (s.KH - 1) - 1 >= 0 && s.W + 2 * s.PW - s.DW * (s.KW - 1) - 1 >= 0,
+                    "fastdw::dwconv_bn_act: input ", s.H, "x", s.W, " is too small for the kernel ", s.KH, "x", s.KW,
+                    " with this padding and dilation");
+  s.cl = is_channels_last(x);
+  return s;
+}
+
+// Weights in the kernel's layout: [C][taps] (NCHW) or [taps][C] (NHWC), each scaled by scale[c].
+template <typename T>
+std::vector<T> weights(const ConvShape& s, const at::Tensor& w, const std::vector<double>& scale) {
+  at::Tensor wd = w.detach().to(at::kDouble).reshape({s.C, s.taps()}).contiguous();
+  const double* p = wd.data_ptr<double>();
+  std::vector<T> out(s.C * s.taps());
+  for (int64_t c = 0; c < s.C; ++c)
+    for (int64_t t = 0; t < s.taps(); ++t)
+      out[s.cl ? t * s.C + c : c * s.taps() + t] = static_cast<T>(p[c * s.taps() + t] * scale[c]);
+  return out;
+}
+
+template <typename T>
+std::vector<T> cast(const std::vector<double>& v) {
+  return std::vector<T>(v.begin(), v.end());
+}
+
+template <typename T>
+const DWKernels<T>& kernels() {
+  if constexpr (std::is_same_v<T, float>) return dw_kernels().f32;
+  else return dw_kernels().f64;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var, bool training, double eps,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation) {
+  const ConvShape s = make_shape(x, weight, stride, padding, dilation);
+  const Act act = parse_act(std::string(activation));
+  for (auto [t, name] : {std::pair{&bias, "bias"}, {&bn_weight, "bn_weight"}, {&bn_bias, "bn_bias"},
+                         {&mean, "mean"}, {&var, "var"}})
+    check_vec(*t, name, x, s.C);
+  const bool has_stats = mean.has_value() && mean->defined();
+  TORCH_CHECK_VALUE(has_stats == (var.has_value() && var->defined()),
+                    "fastdw::dwconv_bn_act: mean and var must be given together");
+  TORCH_CHECK_VALUE(!training || s.N * s.Ho * s.Wo != 1,
+                    "Expected more than 1 value per channel when training, got input size [", s.N, ", ", s.C, ", ",
+                    s.Ho, ", ", s.Wo, "]");
+  const bool normalises = training || has_stats;
+  const auto fmt = s.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor xc = x.contiguous(fmt);
+  at::Tensor out = at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(fmt));
+  at::Tensor save_mean = at::empty({training ? s.C : 0}, x.options());
+  at::Tensor save_var = at::empty({training ? s.C : 0}, x.options());
+
+  const std::vector<double> b = as_doubles(bias, s.C, 0.0);
+  const std::vector<double> g = as_doubles(bn_weight, s.C, 1.0);
+  const std::vector<double> beta = as_doubles(bn_bias, s.C, 0.0);
+  std::vector<double> scale(s.C, 1.0), shift(s.C, 0.0);
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_bn_act_cpu", [&] {
+    using T = scalar_t;
+    const auto& k = kernels<T>();
+    if (training) {
+      std::vector<double> bm(s.C), bv(s.C);
+      const std::vector<T> w = weights<T>(s, weight, scale);
+      const std::vector<T> bt = cast<T>(b);
+      k.forward(s, Act::None, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>(), bm.data(),
+                bv.data());
+      for (int64_t c = 0; c < s.C; ++c) {
+        scale[c] = g[c] / std::sqrt(bv[c] + eps);
+        shift[c] = beta[c] - bm[c] * scale[c];
+        save_mean.mutable_data_ptr<T>()[c] = static_cast<T>(bm[c]);
+        save_var.mutable_data_ptr<T>()[c] = static_cast<T>(bv[c]);
+      }
+      const std::vector<T> sc = cast<T>(scale), sh = cast<T>(shift);
+      k.scale_shift_act(s, act, out.mutable_data_ptr<T>(), sc.data(), sh.data());
+      return;
+    }
+    std::vector<double> fb(b);
+    if (normalises) {
+      const std::vector<double> m = as_doubles(mean, s.C, 0.0), v = as_doubles(var, s.C, 1.0);
+      for (int64_t c = 0; c < s.C; ++c) {
+        scale[c] = g[c] / std::sqrt(v[c] + eps);
+        fb[c] = (b[c] - m[c]) * scale[c] + beta[c];
+      }
+    }
+    const std::vector<T> w = weights<T>(s, weight, scale);
+    const std::vector<T> bt = cast<T>(fb);
+    k.forward(s, act, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>(), nullptr, nullptr);
+  });
+  return {out, save_mean, save_var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var, bool training, double eps,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation,
+    std::array<bool, 5> mask) {
+  const ConvShape s = make_shape(x, weight, stride, padding, dilation);
+  const Act act = parse_act(std::string(activation));
+  for (auto [t, name] : {std::pair{&bias, "bias"}, {&bn_weight, "bn_weight"}, {&bn_bias, "bn_bias"},
+                         {&mean, "mean"}, {&var, "var"}})
+    check_vec(*t, name, x, s.C);
+  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == s.N && grad_out.size(1) == s.C &&
+                        grad_out.size(2) == s.Ho && grad_out.size(3) == s.Wo,
+                    "fastdw::dwconv_bn_act_backward: grad_out has shape ", grad_out.sizes(), ", expected [", s.N,
+                    ", ", s.C, ", ", s.Ho, ", ", s.Wo, "]");
+  const bool has_stats = mean.has_value() && mean->defined() && mean->numel() > 0;
+  TORCH_CHECK_VALUE(!training || has_stats, "fastdw::dwconv_bn_act_backward: training needs the saved batch mean/var");
+  const bool normalises = training || has_stats;
+  const auto fmt = s.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor xc = x.contiguous(fmt);
+  at::Tensor go = grad_out.to(x.scalar_type()).contiguous(fmt);
+  at::Tensor gx = mask[0] ? at::empty_like(xc, x.options().memory_format(fmt)) : at::empty({0}, x.options());
+  at::Tensor gw = at::empty({mask[1] ? s.C : 0}, x.options());
+  at::Tensor gb, gbw, gbb;
+
+  const std::vector<double> b = as_doubles(bias, s.C, 0.0);
+  const std::vector<double> g = as_doubles(bn_weight, s.C, 1.0);
+  const std::vector<double> beta = as_doubles(bn_bias, s.C, 0.0);
+  std::vector<double> m(s.C, 0.0), invstd(s.C, 1.0);
+  if (normalises) {
+    m = as_doubles(mean, s.C, 0.0);
+    const std::vector<double> v = as_doubles(var, s.C, 1.0);
+    for (int64_t c = 0; c < s.C; ++c) invstd[c] = 1.0 / std::sqrt(v[c] + eps);
+  }
+  std::vector<double> sum_gy(s.C), sum_gyx(s.C), dw(s.C * s.taps()), db(s.C);
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_bn_act_backward_cpu", [&] {
+    using T = scalar_t;
+    const auto& k = kernels<T>();
+    const std::vector<double> ones(s.C, 1.0);
+    const std::vector<T> w = weights<T>(s, weight, ones);
+    const std::vector<T> bt = cast<T>(b), mt = cast<T>(m), it = cast<T>(invstd), gt = cast<T>(g), bet = cast<T>(beta);
+    at::Tensor gy = at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(fmt));
+    at::Tensor xhat = training ? at::empty_like(gy) : at::Tensor();
+    k.backward_act(s, act, xc.const_data_ptr<T>(), w.data(), bt.data(), mt.data(), it.data(), gt.data(), bet.data(),
+                   go.const_data_ptr<T>(), gy.mutable_data_ptr<T>(), training ? xhat.mutable_data_ptr<T>() : nullptr,
+                   sum_gy.data(), sum_gyx.data());
+    std::vector<double> k1(s.C);
+    for (int64_t c = 0; c < s.C; ++c) k1[c] = g[c] * invstd[c];
+    std::vector<double> wscale(s.C, 1.0), post(s.C, 1.0);
+    if (training) {
+      // gz = k1 * (gy - mean(gy) - xhat * mean(gy * xhat)), in place into gy.
+      const double M = double(s.N * s.Ho * s.Wo);
+      std::vector<double> k2(s.C), k3(s.C);
+      for (int64_t c = 0; c < s.C; ++c) {
+        k2[c] = -k1[c] * sum_gyx[c] / M;
+        k3[c] = -k1[c] * sum_gy[c] / M;
+      }
+      const std::vector<T> a = cast<T>(k1), bb = cast<T>(k2), cc = cast<T>(k3);
+      k.bn_backward(s, gy.mutable_data_ptr<T>(), xhat.const_data_ptr<T>(), a.data(), bb.data(), cc.data());
+    } else {
+      // gz = k1 * gy: fold k1 into the weights for grad_input and scale the weight sums after.
+      wscale = k1;
+      post = k1;
+    }
+    if (mask[0]) {
+      const std::vector<T> wk = weights<T>(s, weight, wscale);
+      k.backward_input(s, gy.const_data_ptr<T>(), wk.data(), gx.mutable_data_ptr<T>());
+    }
+    if (mask[1] || mask[2]) {
+      k.backward_weight(s, xc.const_data_ptr<T>(), gy.const_data_ptr<T>(), dw.data(), db.data());
+      for (int64_t c = 0; c < s.C; ++c) {
+        for (int64_t t = 0; t < s.taps(); ++t) dw[c * s.taps() + t] *= post[c];
+        db[c] *= post[c];
+      }
+    }
+  });
+  auto to_tensor = [&](const std::vector<double>& v, at::IntArrayRef shape, at::ScalarType dt) {
+    return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).reshape(shape).to(dt);
+  };
+  gw = mask[1] ? to_tensor(dw, weight.sizes(), weight.scalar_type()) : at::empty({0}, x.options());
+  gb = mask[2] && bias.has_value() ? to_tensor(db, {s.C}, bias->scalar_type()) : at::empty({0}, x.options());
+  gbw = mask[3] && bn_weight.has_value() ? to_tensor(sum_gyx, {s.C}, bn_weight->scalar_type())
+                                         : at::empty({0}, x.options());
+  gbb = mask[4] && bn_bias.has_value() ? to_tensor(sum_gy, {s.C}, bn_bias->scalar_type()) : at::empty({0}, x.options());
+  if (!mask[0]) gx = at::empty({0}, x.options());
+  return {gx, gw, gb, gbw, gbb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdw, CPU, m) {
+  m.impl("dwconv_bn_act", &dwconv_bn_act_cpu);
+  m.impl("dwconv_bn_act_backward", &dwconv_bn_act_backward_cpu);
+}
+
+}  // namespace fastdw::cpu

@@ -1,0 +1,52 @@
+// Interface between the dispatcher (dwconv_bn_act.cpp, compiled once with baseline flags) and the
+// kernels (dwconv_bn_act_impl.h, compiled once per instruction set in csrc/cpu/isa/<isa>.cpp).
+// Only plain pointers and PODs cross this line, so no ATen type is compiled with AVX-512 flags
+// and then called from baseline code.
+#pragma once
+#include <cstdint>
+
+namespace fastdw::cpu {
+
+enum class Act : int { None = 0, ReLU = 1, ReLU6 = 2, HardSwish = 3, SiLU = 4 };
+
+struct ConvShape {
+  int64_t N, C, H, W, Ho, Wo;
+  int64_t KH, KW, SH, SW, PH, PW, DH, DW;
+  bool cl;  // channels_last (NHWC) data; weights are then laid out [KH*KW][C], else [C][KH*KW]
+  int64_t taps() const { return KH * KW; }
+};
+
+template <typename T>
+struct DWKernels {
+  // out = act(conv(x, w) + b). With mean/var non-null (act must be None): also the per-channel
+  // mean and biased variance of out, in double (Chan's merge of per-row two-pass statistics).
+  void (*forward)(const ConvShape&, Act, const T* x, const T* w, const T* b, T* out, double* mean,
+                  double* var);
+  // out = act(out * scale[c] + shift[c]), in place.
+  void (*scale_shift_act)(const ConvShape&, Act, T* out, const T* scale, const T* shift);
+  // Recompute z = conv(x, w) + b; xhat = (z - mean) * invstd; y = xhat * gamma + beta;
+  // gy = grad_out * act'(y). Stores gy (and xhat if non-null); sums gy and gy * xhat per channel.
+  void (*backward_act)(const ConvShape&, Act, const T* x, const T* w, const T* b, const T* mean,
+                       const T* invstd, const T* gamma, const T* beta, const T* grad_out, T* gy,
+                       T* xhat, double* sum_gy, double* sum_gy_xhat);
+  // g = k1[c] * g + k2[c] * xhat + k3[c], in place (BatchNorm backward with batch statistics).
+  void (*bn_backward)(const ConvShape&, T* g, const T* xhat, const T* k1, const T* k2, const T* k3);
+  // grad_input = conv_transpose(gz, w) (a gather, so threads never write the same element).
+  void (*backward_input)(const ConvShape&, const T* gz, const T* w, T* gx);
+  // grad_weight[c][tap] and grad_bias[c] as double sums over N, Ho, Wo (deterministic order).
+  void (*backward_weight)(const ConvShape&, const T* x, const T* gz, double* gw, double* gb);
+};
+
+struct DWKernelTable {
+  const char* isa;
+  DWKernels<float> f32;
+  DWKernels<double> f64;
+};
+
+// The table for the best instruction set this CPU supports (capped by FASTDW_CPU_CAPABILITY or
+// set_cpu_capability()).
+const DWKernelTable& dw_kernels();
+const char* cpu_capability();
+bool set_cpu_capability(const char* name);  // "default", "avx2", "avx512"; false if unsupported
+
+}  // namespace fastdw::cpu

@@ -1,0 +1,41 @@
+// The schema of every fastdw op, defined once. Devices add kernels with TORCH_LIBRARY_IMPL in
+// csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu. Importing fastdw._C runs these registrars; the module
+// itself only carries two helpers to inspect and cap the CPU instruction set (used by tests).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/dwconv_bn_act_kernel.h"
+
+TORCH_LIBRARY(fastdw, m) {
+  m.def(
+      "dwconv_bn_act(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor? mean, Tensor? var, bool training, float eps, int[2] stride, int[2] padding, "
+      "int[2] dilation, str activation) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dwconv_bn_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, "
+      "Tensor? bn_bias, Tensor? mean, Tensor? var, bool training, float eps, int[2] stride, "
+      "int[2] padding, int[2] dilation, str activation, bool[5] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace {
+PyObject* py_cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fastdw::cpu::cpu_capability());
+}
+PyObject* py_set_cpu_capability(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (!name) return nullptr;
+  if (!fastdw::cpu::set_cpu_capability(name)) {
+    PyErr_Format(PyExc_ValueError, "fastdw: CPU capability '%s' is unknown or not supported by this CPU", name);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+PyMethodDef methods[] = {
+    {"cpu_capability", py_cpu_capability, METH_NOARGS, "Instruction set used by the CPU kernels."},
+    {"set_cpu_capability", py_set_cpu_capability, METH_O, "Use 'default', 'avx2' or 'avx512' kernels."},
+    {nullptr, nullptr, 0, nullptr}};
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastdw compiled kernels", -1, methods};
+}  // namespace
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -1,0 +1,105 @@
+"""``DWConvBNAct``: a Conv2dNormActivation-compatible Sequential whose forward is one fused op."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastdw import ops
+from fastdw._validate import ACTIVATIONS
+
+_ACT_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "silu": nn.SiLU}
+
+
+def activation_name(act: nn.Module | None) -> str:
+    """The fastdw activation name of a module, or ValueError if it has no fused equivalent."""
+    if act is None or type(act) is nn.Identity:
+        return "none"
+    if type(act) is nn.ReLU6 or (type(act) is nn.Hardtanh and act.min_val == 0.0 and act.max_val == 6.0):
+        return "relu6"
+    for name, cls in _ACT_MODULES.items():
+        if type(act) is cls:
+            return name
+    raise ValueError(f"activation {type(act).__name__} has no fused equivalent; supported: "
+                     "ReLU, ReLU6, Hardtanh(0, 6), Hardswish, SiLU, Identity")
+
+
+class DWConvBNAct(nn.Sequential):
+    """Depthwise ``Conv2d`` -> ``BatchNorm2d`` -> activation, computed by one fused op.
+
+    Children are the original modules (``0`` conv, ``1`` BatchNorm, then the activation), so the
+    ``state_dict`` keys are those of torchvision's ``Conv2dNormActivation``. ``train()``/``eval()``
+    select batch or running statistics exactly as for ``nn.BatchNorm2d``.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3, stride: int = 1, padding: int | None = None,
+                 dilation: int = 1, activation: str = "relu6", bn: bool = True, bias: bool = False,
+                 eps: float = 1e-5, momentum: float | None = 0.1) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if padding is None:
+            padding = (kernel_size // 2) * dilation
+        layers: list[nn.Module] = [nn.Conv2d(channels, channels, kernel_size, stride, padding, dilation,
+                                             groups=channels, bias=bias)]
+        if bn:
+            layers.append(nn.BatchNorm2d(channels, eps=eps, momentum=momentum))
+        if activation != "none":
+            layers.append(_ACT_MODULES[activation]())
+        super().__init__(*layers)
+        self.activation = activation
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None,
+                     act: nn.Module | None = None) -> DWConvBNAct:
+        """Wrap existing modules; parameters and buffers are shared, not copied."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        c = conv.in_channels
+        if conv.groups != c or conv.out_channels != c:
+            raise ValueError(f"conv is not depthwise: in={c}, out={conv.out_channels}, groups={conv.groups}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"conv padding_mode {conv.padding_mode!r} is not supported (only 'zeros')")
+        _conv_padding(conv)
+        if bn is not None:
+            if not isinstance(bn, nn.BatchNorm2d):
+                raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+            if bn.num_features != c:
+                raise ValueError(f"bn has {bn.num_features} features but conv has {c} channels")
+        name = activation_name(act)
+        self = cls.__new__(cls)
+        layers = [m for m in (conv, bn, act) if m is not None]
+        nn.Sequential.__init__(self, *layers)
+        self.activation = name
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self[0]
+        bn = self[1] if len(self) > 1 and isinstance(self[1], nn.BatchNorm2d) else None
+        if bn is None:
+            return ops.dwconv_bn_act(x, conv.weight, conv.bias, stride=conv.stride,
+                                     padding=_conv_padding(conv), dilation=conv.dilation,
+                                     activation=self.activation)
+        training = bn.training or (bn.running_mean is None and bn.running_var is None)
+        use_running = not bn.training or bn.track_running_stats
+        return ops.dwconv_bn_act(
+            x, conv.weight, conv.bias, bn.weight, bn.bias,
+            bn.running_mean if use_running else None, bn.running_var if use_running else None,
+            training=training, momentum=bn.momentum, eps=bn.eps, stride=conv.stride,
+            padding=_conv_padding(conv), dilation=conv.dilation, activation=self.activation,
+            num_batches_tracked=bn.num_batches_tracked if (bn.training and bn.track_running_stats) else None,
+        )
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        kh, kw = conv.kernel_size
+        dh, dw = conv.dilation
+        if (dh * (kh - 1)) % 2 or (dw * (kw - 1)) % 2:
+            raise ValueError("padding='same' with an even effective kernel size is asymmetric; not supported")
+        return (dh * (kh - 1) // 2, dw * (kw - 1) // 2)
+    return tuple(conv.padding)

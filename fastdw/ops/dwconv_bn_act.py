@@ -1,0 +1,176 @@
+"""``fastdw.ops.dwconv_bn_act``: depthwise conv + (bias) + BatchNorm + activation as one op.
+
+The schema lives in C++ (csrc/registration.cpp, ``TORCH_LIBRARY(fastdw)``):
+
+    fastdw::dwconv_bn_act(x, weight, bias?, bn_weight?, bn_bias?, mean?, var?, training, eps,
+                          stride, padding, dilation, activation) -> (out, save_mean, save_var)
+
+It is functional: in training it returns the batch mean and biased variance and this wrapper
+updates the running statistics, so that autograd (which needs functional ops) and
+torch.compile both see a pure op. Backward is ``fastdw::dwconv_bn_act_backward``, itself a C++
+op. Only the input, the (tiny) parameters and per-channel statistics are saved for backward:
+the pre-BN conv output is recomputed there, because a depthwise conv costs less than storing it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdw import _backend, _validate
+from fastdw import reference as _ref
+
+def dwconv_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    bn_weight: torch.Tensor | None = None,
+    bn_bias: torch.Tensor | None = None,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    *,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    stride=1,
+    padding=None,
+    dilation=1,
+    activation: str = "relu6",
+    num_batches_tracked: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``act(batch_norm(conv2d(x, weight, bias, groups=C)))`` in one op.
+
+    BatchNorm follows ``F.batch_norm``: with ``training=True`` batch statistics are used and
+    ``running_mean``/``running_var`` (if given) are updated in place with ``momentum``
+    (``None``: cumulative average, using ``num_batches_tracked``, which is incremented); with
+    ``training=False`` the running statistics are used. With ``training=False`` and no running
+    statistics there is no BatchNorm at all (conv + activation). ``padding=None`` means
+    ``(k // 2) * dilation`` ("same" for odd k at stride 1). The output keeps the input's memory
+    format. Activations: relu, relu6, hardswish, silu, none.
+    """
+    stride, padding, dilation, (ho, wo) = _validate.conv_geometry(x, weight, stride, padding, dilation)
+    activation = _validate.activation(activation)
+    c = x.shape[1]
+    if bias is not None:
+        _validate.same_device_dtype(x, bias, "bias")
+        if bias.dim() != 1 or bias.shape[0] != c:
+            raise ValueError(f"bias must have shape [{c}], got {list(bias.shape)}")
+    for t, name in ((bn_weight, "bn_weight"), (bn_bias, "bn_bias"), (running_mean, "running_mean"),
+                    (running_var, "running_var")):
+        _validate.per_channel(x, t, name, c)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    normalises = training or running_mean is not None
+    if not normalises and (bn_weight is not None or bn_bias is not None):
+        raise ValueError("bn_weight/bn_bias given without BatchNorm statistics: pass running_mean/"
+                         "running_var (eval) or training=True")
+    if not isinstance(eps, (int, float)) or eps <= 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    if training and x.shape[0] * ho * wo == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size "
+            f"{[x.shape[0], c, ho, wo]}"
+        )
+
+    factor = 0.0
+    if training and running_mean is not None:
+        if num_batches_tracked is not None:
+            with torch.no_grad():
+                num_batches_tracked.add_(1)
+        if momentum is None:
+            if num_batches_tracked is None:
+                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+            factor = 1.0 / float(num_batches_tracked)
+        else:
+            factor = float(momentum)
+
+    backend = _backend.resolve(x.device, x.dtype)
+    if backend == "reference":
+        return _ref.dwconv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                  training, factor, eps, stride, padding, dilation, activation)
+
+    out, mean, var = torch.ops.fastdw.dwconv_bn_act(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, float(eps),
+        list(stride), list(padding), list(dilation), activation,
+    )
+    if training and running_mean is not None:
+        count = x.shape[0] * ho * wo
+        if count > 0:
+            with torch.no_grad():
+                unbiased = var * (count / (count - 1))
+                running_mean.mul_(1.0 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+                running_var.mul_(1.0 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+    return out
+
+
+# --- registration with the dispatcher: fake kernels (torch.compile) and autograd -----------------
+
+
+def _out_shape(x, weight, stride, padding, dilation):
+    kh, kw = weight.shape[2], weight.shape[3]
+    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return (x.shape[0], x.shape[1], ho, wo)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    # Must agree with is_channels_last() in csrc/cpu/dwconv_bn_act.cpp (the fake kernel's strides
+    # are compared with the real ones by opcheck).
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _fake_forward(x, weight, bias, bn_weight, bn_bias, mean, var, training, eps, stride, padding,
+                  dilation, activation):
+    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    out = x.new_empty(_out_shape(x, weight, stride, padding, dilation)).contiguous(memory_format=fmt)
+    stat_dtype = x.dtype
+    n = x.shape[1] if training else 0
+    return out, x.new_empty((n,), dtype=stat_dtype), x.new_empty((n,), dtype=stat_dtype)
+
+
+def _fake_backward(grad_out, x, weight, bias, bn_weight, bn_bias, mean, var, training, eps, stride,
+                   padding, dilation, activation, output_mask):
+    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+
+    def maybe(flag, t, shape):
+        return t.new_empty(shape) if (flag and t is not None) else x.new_empty((0,))
+
+    gx = x.new_empty(x.shape).contiguous(memory_format=fmt) if output_mask[0] else x.new_empty((0,))
+    return (gx, maybe(output_mask[1], weight, weight.shape),
+            maybe(output_mask[2], bias, (x.shape[1],)),
+            maybe(output_mask[3], bn_weight, (x.shape[1],)),
+            maybe(output_mask[4], bn_bias, (x.shape[1],)))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, bn_weight, bn_bias, mean, var, training, eps, stride, padding, dilation,
+     activation) = inputs
+    _, save_mean, save_var = output
+    if training:
+        mean, var = save_mean, save_var
+    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, mean, var)
+    ctx.args = (training, eps, stride, padding, dilation, activation)
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_var):
+    x, weight, bias, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+    training, eps, stride, padding, dilation, activation = ctx.args
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], bias is not None and need[2], bn_weight is not None and need[3],
+            bn_bias is not None and need[4]]
+    grads = torch.ops.fastdw.dwconv_bn_act_backward(
+        grad_out, x, weight, bias, bn_weight, bn_bias, mean, var, training, eps, stride, padding,
+        dilation, activation, mask,
+    )
+    grads = [g if m else None for g, m in zip(grads, mask)]
+    return (*grads, None, None, None, None, None, None, None, None)
+
+
+def _register() -> None:
+    if not _backend.extension_loaded():
+        return
+    torch.library.register_fake("fastdw::dwconv_bn_act")(_fake_forward)
+    torch.library.register_fake("fastdw::dwconv_bn_act_backward")(_fake_backward)
+    torch.library.register_autograd("fastdw::dwconv_bn_act", _backward, setup_context=_setup_context)
+
+
+_register()
