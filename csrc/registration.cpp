@@ -4,7 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include "cpu/dwconv_bn_act_kernel.h"
+#include "cpu/isa.h"
 
 TORCH_LIBRARY(fastdw, m) {
   m.def(

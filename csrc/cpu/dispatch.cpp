@@ -1,26 +1,12 @@
-// Run-time choice of the instruction set for the CPU kernels.
+// Run-time choice of the instruction set for the CPU kernels (see cpu/isa.h).
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 
-#include "cpu/dwconv_bn_act_kernel.h"
+#include "cpu/isa.h"
 
 namespace fastdw::cpu {
-#define FASTDW_DECLARE_TABLE(ns) \
-  namespace ns {                 \
-  extern const DWKernelTable dw_table; \
-  }
-FASTDW_DECLARE_TABLE(DEFAULT)
-#ifdef FASTDW_HAVE_AVX2
-FASTDW_DECLARE_TABLE(AVX2)
-#endif
-#ifdef FASTDW_HAVE_AVX512
-FASTDW_DECLARE_TABLE(AVX512)
-#endif
-
 namespace {
-
-enum Level { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
 
 int hardware_level() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -56,21 +42,11 @@ std::atomic<int>& level() {
 
 }  // namespace
 
-const DWKernelTable& dw_kernels() {
-  switch (level().load(std::memory_order_relaxed)) {
-#ifdef FASTDW_HAVE_AVX512
-    case kAvx512: return AVX512::dw_table;
-#endif
-#ifdef FASTDW_HAVE_AVX2
-    case kAvx2: return AVX2::dw_table;
-#endif
-    default: return DEFAULT::dw_table;
-  }
-}
+int isa_level() { return level().load(std::memory_order_relaxed); }
 
 const char* cpu_capability() {
   static const char* names[] = {"default", "avx2", "avx512"};
-  return names[level().load()];
+  return names[isa_level()];
 }
 
 bool set_cpu_capability(const char* name) {

@@ -113,8 +113,8 @@ std::vector<T> cast(const std::vector<double>& v) {
 
 template <typename T>
 const DWKernels<T>& kernels() {
-  if constexpr (std::is_same_v<T, float>) return dw_kernels().f32;
-  else return dw_kernels().f64;
+  if constexpr (std::is_same_v<T, float>) return dw_table_for_cpu().f32;
+  else return dw_table_for_cpu().f64;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(

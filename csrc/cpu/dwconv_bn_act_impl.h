@@ -666,11 +666,6 @@ constexpr DWKernels<T> make_kernels() {
 
 }  // namespace fastdw::cpu::CPU_CAPABILITY
 
-// Each csrc/cpu/isa/<isa>.cpp expands this once: the kernel table of that instruction set.
-#define FASTDW_STR2(x) #x
-#define FASTDW_STR(x) FASTDW_STR2(x)
-#define FASTDW_DEFINE_KERNEL_TABLE()                                                                 \
-  namespace fastdw::cpu::CPU_CAPABILITY {                                                            \
-  extern const DWKernelTable dw_table;                                                               \
-  const DWKernelTable dw_table{FASTDW_STR(CPU_CAPABILITY), make_kernels<float>(), make_kernels<double>()}; \
-  }
+#define FASTDW_DEFINE_DWCONV_BN_ACT_TABLE()                                                         \
+  FASTDW_ISA_DEFINE(DWKernelTable, dw_table, FASTDW_STR(CPU_CAPABILITY),                            \
+                    make_kernels<float>(), make_kernels<double>())

@@ -5,6 +5,8 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/isa.h"
+
 namespace fastdw::cpu {
 
 enum class Act : int { None = 0, ReLU = 1, ReLU6 = 2, HardSwish = 3, SiLU = 4 };
@@ -43,10 +45,6 @@ struct DWKernelTable {
   DWKernels<double> f64;
 };
 
-// The table for the best instruction set this CPU supports (capped by FASTDW_CPU_CAPABILITY or
-// set_cpu_capability()).
-const DWKernelTable& dw_kernels();
-const char* cpu_capability();
-bool set_cpu_capability(const char* name);  // "default", "avx2", "avx512"; false if unsupported
+FASTDW_ISA_SELECT(DWKernelTable, dw_table)
 
 }  // namespace fastdw::cpu

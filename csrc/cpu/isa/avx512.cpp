@@ -1,4 +1,4 @@
-// Kernels compiled for the avx512 instruction set (flags in setup.py: ISA_FLAGS["avx512"]).
+// Every op's CPU kernels compiled for the avx512 instruction set (flags: setup.py ISA_FLAGS["avx512"]).
 #include "cpu/dwconv_bn_act_impl.h"
 
-FASTDW_DEFINE_KERNEL_TABLE()
+FASTDW_DEFINE_DWCONV_BN_ACT_TABLE()

@@ -1,4 +1,4 @@
-// Kernels compiled for the default instruction set (flags in setup.py: ISA_FLAGS["default"]).
+// Every op's CPU kernels compiled for the default instruction set (flags: setup.py ISA_FLAGS["default"]).
 #include "cpu/dwconv_bn_act_impl.h"
 
-FASTDW_DEFINE_KERNEL_TABLE()
+FASTDW_DEFINE_DWCONV_BN_ACT_TABLE()
