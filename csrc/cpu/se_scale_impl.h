@@ -119,7 +119,7 @@ void channel_sums_impl(const SEShape& s, const T* x, const T* y, double* sums) {
   const int64_t bpx = std::max<int64_t>(1, std::min(HW, kChunk / std::max<int64_t>(1, C)));
   const int64_t nb = HW == 0 ? 0 : (HW + bpx - 1) / bpx;
   std::vector<double> part(s.N * nb * C);
-  at::parallel_for(0, s.N * nb, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, s.N * nb, grain(bpx * C), [&](int64_t t0, int64_t t1) {
     alignas(64) T tmp[4 * VL];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / nb, px0 = (t % nb) * bpx, px1 = std::min(HW, px0 + bpx);

@@ -108,8 +108,8 @@ class SqueezeExcite(nn.Module):
                 kind = name
                 break
         if kind is None:
-            raise TypeError(f"cannot convert {type(se).__name__}: expected torchvision's SqueezeExcitation or "
-                            f"timm's SqueezeExcite / SEModule")
+            raise TypeError(f"cannot convert {type(se).__name__}: expected torchvision's "
+                            f"SqueezeExcitation or timm's SqueezeExcite / SEModule")
         if kind == "torchvision":
             names, act, gate = ("fc1", "fc2"), se.activation, se.scale_activation
             pool = se.avgpool

@@ -98,7 +98,7 @@ def _backward(ctx, grad_out, _grad_pooled):
     grads = torch.ops.fastdw.se_scale_backward(
         grad_out, x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, mask
     )
-    grads = [g if m else None for g, m in zip(grads, mask)]
+    grads = [g if m else None for g, m in zip(grads, mask, strict=True)]
     return (*grads, None, None)
 
 
