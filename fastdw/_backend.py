@@ -23,10 +23,9 @@ _ext_loaded = False
 
 def _load_extension() -> None:
     global _ext_loaded, _ext_error
-    if os.environ.get("FASTDW_DISABLE_EXTENSION") == "1":
-        _ext_error = "disabled by FASTDW_DISABLE_EXTENSION=1"
-        return
     try:
+        if os.environ.get("FASTDW_DISABLE_EXTENSION") == "1":
+            raise ImportError("disabled by FASTDW_DISABLE_EXTENSION=1")
         from fastdw import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrars)
 
         _ext_loaded = True

@@ -122,100 +122,302 @@ inline int64_t grain_for(int64_t work_per_task) {
 // ---- NHWC core -------------------------------------------------------------------------------
 
 // Calls epi(wo, c, count, acc) with acc = sum over taps of w * x for output row (n, ho).
-template <typename T, typename Epi>
-inline void nhwc_conv_row(const ConvShape& s, const T* x, const T* w, int64_t n, int64_t ho, Epi&& epi) {
+// Columns whose taps all fall inside the image are computed four at a time (four independent
+// FMA chains hide the FMA latency; each weight vector load feeds four FMAs); the few edge
+// columns take the general path with per-column tap ranges.
+template <typename T, int KWT, typename Epi>
+inline void nhwc_conv_row_t(const ConvShape& s, const T* x, const T* w, int64_t n, int64_t ho, Epi&& epi) {
   constexpr int64_t VL = V<T>::size();
-  const int64_t C = s.C;
+  const int64_t C = s.C, KW = KWT > 0 ? KWT : s.KW, DW = s.DW, SW = s.SW;
   const int64_t hi0 = ho * s.SH - s.PH;
   int64_t kh0, kh1;
   tap_range(hi0, s.DH, s.KH, s.H, kh0, kh1);
   const T* xn = x + n * s.H * s.W * C;
-  for (int64_t wo = 0; wo < s.Wo; ++wo) {
-    const int64_t wi0 = wo * s.SW - s.PW;
+
+  auto edge = [&](int64_t wo) {
+    const int64_t wi0 = wo * SW - s.PW;
     int64_t kw0, kw1;
-    tap_range(wi0, s.DW, s.KW, s.W, kw0, kw1);
+    tap_range(wi0, DW, KW, s.W, kw0, kw1);
     for (int64_t c = 0; c < C; c += VL) {
       const int64_t cnt = std::min(VL, C - c);
       V<T> acc(0);
       for (int64_t kh = kh0; kh < kh1; ++kh) {
         const T* xr = xn + ((hi0 + kh * s.DH) * s.W + wi0) * C + c;
-        const T* wr = w + kh * s.KW * C + c;
-        for (int64_t kw = kw0; kw < kw1; ++kw) {
-          acc = at::vec::fmadd(load(wr + kw * C, cnt), load(xr + kw * s.DW * C, cnt), acc);
-        }
+        const T* wr = w + kh * KW * C + c;
+        for (int64_t kw = kw0; kw < kw1; ++kw)
+          acc = at::vec::fmadd(load(wr + kw * C, cnt), load(xr + kw * DW * C, cnt), acc);
       }
       epi(wo, c, cnt, acc);
     }
+  };
+
+  // Interior columns: wo * SW - PW >= 0 and wo * SW - PW + (KW - 1) * DW <= W - 1.
+  const int64_t wlo = std::min(s.Wo, (s.PW + SW - 1) / SW);
+  const int64_t num = s.W - 1 - (KW - 1) * DW + s.PW;
+  const int64_t whi = num < 0 ? wlo : std::max(wlo, std::min(s.Wo, num / SW + 1));
+  for (int64_t wo = 0; wo < wlo; ++wo) edge(wo);
+  int64_t wo = wlo;
+  auto block = [&](int64_t c, auto full) {
+    constexpr bool FULL = decltype(full)::value;
+    const int64_t cnt = FULL ? VL : C - c;
+    auto ld = [&](const T* p) { if constexpr (FULL) return V<T>::loadu(p); else return V<T>::loadu(p, cnt); };
+    V<T> a0(0), a1(0), a2(0), a3(0);
+    const int64_t step = SW * C;
+    for (int64_t kh = kh0; kh < kh1; ++kh) {
+      const T* xr = xn + ((hi0 + kh * s.DH) * s.W + wo * SW - s.PW) * C + c;
+      const T* wr = w + kh * KW * C + c;
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        const V<T> wv = ld(wr + kw * C);
+        const T* xp = xr + kw * DW * C;
+        a0 = at::vec::fmadd(wv, ld(xp), a0);
+        a1 = at::vec::fmadd(wv, ld(xp + step), a1);
+        a2 = at::vec::fmadd(wv, ld(xp + 2 * step), a2);
+        a3 = at::vec::fmadd(wv, ld(xp + 3 * step), a3);
+      }
+    }
+    epi(wo, c, cnt, a0);
+    epi(wo + 1, c, cnt, a1);
+    epi(wo + 2, c, cnt, a2);
+    epi(wo + 3, c, cnt, a3);
+  };
+  if constexpr (KWT > 0) {
+    if (DW == 1 && (SW == 1 || SW == 2)) {
+      // Register reuse across taps: the NB outputs of a block read (NB-1)*S + KW distinct input
+      // columns per kernel row; load each once and feed all FMAs that need it.
+      auto fast = [&](auto sw, auto nb) {
+        constexpr int S = decltype(sw)::value, NB = decltype(nb)::value, NX = (NB - 1) * S + KWT;
+        auto run = [&](int64_t c, auto full) {
+          constexpr bool FULL = decltype(full)::value;
+          const int64_t cnt = FULL ? VL : C - c;
+          auto ld = [&](const T* p) { if constexpr (FULL) return V<T>::loadu(p); else return V<T>::loadu(p, cnt); };
+          V<T> acc[NB];
+          for (int j = 0; j < NB; ++j) acc[j] = V<T>(0);
+          for (int64_t kh = kh0; kh < kh1; ++kh) {
+            const T* xr = xn + ((hi0 + kh * s.DH) * s.W + wo * S - s.PW) * C + c;
+            const T* wr = w + kh * KWT * C + c;
+            V<T> xv[NX], wv[KWT];
+            for (int m = 0; m < NX; ++m) xv[m] = ld(xr + m * C);
+            for (int kw = 0; kw < KWT; ++kw) wv[kw] = ld(wr + kw * C);
+            for (int kw = 0; kw < KWT; ++kw)
+              for (int j = 0; j < NB; ++j) acc[j] = at::vec::fmadd(wv[kw], xv[j * S + kw], acc[j]);
+          }
+          for (int j = 0; j < NB; ++j) epi(wo + j, c, cnt, acc[j]);
+        };
+        for (; wo + NB <= whi; wo += NB) {
+          int64_t c = 0;
+          for (; c + VL <= C; c += VL) run(c, std::true_type{});
+          if (c < C) run(c, std::false_type{});
+        }
+      };
+      if (SW == 1) fast(std::integral_constant<int, 1>{}, std::integral_constant<int, 8>{});
+      else fast(std::integral_constant<int, 2>{}, std::integral_constant<int, 4>{});
+    }
+  }
+  for (; wo + 4 <= whi; wo += 4) {
+    int64_t c = 0;
+    for (; c + VL <= C; c += VL) block(c, std::true_type{});
+    if (c < C) block(c, std::false_type{});
+  }
+  for (; wo < s.Wo; ++wo) edge(wo);
+}
+
+template <typename T, typename Epi>
+inline void nhwc_conv_row(const ConvShape& s, const T* x, const T* w, int64_t n, int64_t ho, Epi&& epi) {
+  switch (s.KW) {
+    case 3: return nhwc_conv_row_t<T, 3>(s, x, w, n, ho, epi);
+    case 5: return nhwc_conv_row_t<T, 5>(s, x, w, n, ho, epi);
+    case 7: return nhwc_conv_row_t<T, 7>(s, x, w, n, ho, epi);
+    default: return nhwc_conv_row_t<T, 0>(s, x, w, n, ho, epi);
   }
 }
 
 // ---- NCHW core -------------------------------------------------------------------------------
 
 struct PlaneBuf {
-  int64_t rows, cols;  // rows of padded input used; columns per phase (with vector slack)
+  int64_t rows, cols;  // rows of padded input used; columns per phase (multiple of VL, with slack)
 };
 
 inline PlaneBuf plane_buf_dims(const ConvShape& s, int64_t VL) {
   PlaneBuf b;
   b.rows = (s.Ho - 1) * s.SH + (s.KH - 1) * s.DH + 1;
-  b.cols = s.Wo + ((s.KW - 1) * s.DW) / s.SW + VL;
+  const int64_t need = s.Wo + ((s.KW - 1) * s.DW) / s.SW + VL;
+  b.cols = (need + VL - 1) / VL * VL;
   return b;
 }
 
 // buf[(j * rows + hp) * cols + q] = padded input at row hp, column q * SW + j (0 outside).
+// `row` is scratch of at least SW * cols + VL elements.
 template <typename T>
-inline void fill_plane_buf(const ConvShape& s, const PlaneBuf& d, const T* xp, T* buf) {
+inline void fill_plane_buf(const ConvShape& s, const PlaneBuf& d, const T* xp, T* buf, T* row) {
+  constexpr int64_t VL = V<T>::size();
   for (int64_t hp = 0; hp < d.rows; ++hp) {
     const int64_t hi = hp - s.PH;
-    const bool row_ok = hi >= 0 && hi < s.H;
+    if (hi < 0 || hi >= s.H) {
+      for (int64_t j = 0; j < s.SW; ++j) std::fill_n(buf + (j * d.rows + hp) * d.cols, d.cols, T(0));
+      continue;
+    }
     const T* src = xp + hi * s.W;
+    // padded row: position q' = wi + PW for wi in [0, W), zero elsewhere, length SW * cols
+    const int64_t len = s.SW * d.cols;
+    T* dst0 = s.SW == 1 ? buf + hp * d.cols : row;
+    const int64_t q0 = std::min<int64_t>(len, s.PW);
+    const int64_t q1 = std::min<int64_t>(len, s.PW + s.W);
+    std::fill(dst0, dst0 + q0, T(0));
+    std::memcpy(dst0 + q0, src, sizeof(T) * std::max<int64_t>(0, q1 - q0));
+    std::fill(dst0 + std::max(q0, q1), dst0 + len, T(0));
+    if (s.SW == 1) continue;
+    if (s.SW == 2) {
+      T* e = buf + hp * d.cols;
+      T* o = buf + (d.rows + hp) * d.cols;
+      for (int64_t q = 0; q < d.cols; q += VL) {
+        auto [ev, od] = at::vec::deinterleave2(V<T>::loadu(row + 2 * q), V<T>::loadu(row + 2 * q + VL));
+        ev.store(e + q);
+        od.store(o + q);
+      }
+      continue;
+    }
     for (int64_t j = 0; j < s.SW; ++j) {
       T* dst = buf + (j * d.rows + hp) * d.cols;
-      if (!row_ok) {
-        std::fill(dst, dst + d.cols, T(0));
-        continue;
-      }
-      if (s.SW == 1) {
-        // columns q -> wi = q - PW
-        const int64_t q0 = std::min<int64_t>(d.cols, std::max<int64_t>(0, s.PW));
-        const int64_t q1 = std::min<int64_t>(d.cols, std::max<int64_t>(q0, s.W + s.PW));
-        std::fill(dst, dst + q0, T(0));
-        std::memcpy(dst + q0, src + (q0 - s.PW), sizeof(T) * (q1 - q0));
-        std::fill(dst + q1, dst + d.cols, T(0));
-      } else {
-        for (int64_t q = 0; q < d.cols; ++q) {
-          const int64_t wi = q * s.SW + j - s.PW;
-          dst[q] = (wi >= 0 && wi < s.W) ? src[wi] : T(0);
-        }
-      }
+      for (int64_t q = 0; q < d.cols; ++q) dst[q] = row[q * s.SW + j];
     }
   }
 }
 
-// Calls epi(ho, wo, count, acc) for every output vector of one plane.
-template <typename T, typename Epi>
-inline void nchw_conv_plane(const ConvShape& s, const PlaneBuf& d, const T* buf, const T* w, Epi&& epi) {
+// For every output vector of a plane: acc = sum_t w[t] * buf[ho * row_step + wo + off[t]] (VL
+// columns wo.. at once), then epi(ho, wo, count, acc). Output vectors are taken four at a time
+// (independent FMA chains) in row-major order; TAPS > 0 unrolls the taps with weights in registers.
+template <typename T, int TAPS, typename Epi>
+inline void nchw_core_t(int64_t Ho, int64_t Wo, const T* buf, int64_t row_step, const int64_t* off, int64_t taps,
+                        const T* w, Epi&& epi) {
   constexpr int64_t VL = V<T>::size();
-  const int64_t taps = s.taps();
-  std::vector<V<T>> wv(taps);
-  std::vector<int64_t> off(taps);
-  for (int64_t kh = 0; kh < s.KH; ++kh) {
+  constexpr int64_t NT = TAPS > 0 ? TAPS : 1;
+  V<T> wv_fixed[NT];
+  std::vector<V<T>> wv_dyn(TAPS > 0 ? 0 : taps);
+  V<T>* wv = TAPS > 0 ? wv_fixed : wv_dyn.data();
+  const int64_t nt = TAPS > 0 ? TAPS : taps;
+  for (int64_t t = 0; t < nt; ++t) wv[t] = V<T>(w[t]);
+  const int64_t nv = (Wo + VL - 1) / VL, total = Ho * nv;
+  int64_t i = 0;
+  for (; i + 4 <= total; i += 4) {
+    int64_t ho[4], wo[4];
+    const T* base[4];
+    for (int j = 0; j < 4; ++j) {
+      ho[j] = (i + j) / nv;
+      wo[j] = (i + j - ho[j] * nv) * VL;
+      base[j] = buf + ho[j] * row_step + wo[j];
+    }
+    V<T> a0(0), a1(0), a2(0), a3(0);
+    for (int64_t t = 0; t < nt; ++t) {
+      a0 = at::vec::fmadd(wv[t], V<T>::loadu(base[0] + off[t]), a0);
+      a1 = at::vec::fmadd(wv[t], V<T>::loadu(base[1] + off[t]), a1);
+      a2 = at::vec::fmadd(wv[t], V<T>::loadu(base[2] + off[t]), a2);
+      a3 = at::vec::fmadd(wv[t], V<T>::loadu(base[3] + off[t]), a3);
+    }
+    epi(ho[0], wo[0], std::min(VL, Wo - wo[0]), a0);
+    epi(ho[1], wo[1], std::min(VL, Wo - wo[1]), a1);
+    epi(ho[2], wo[2], std::min(VL, Wo - wo[2]), a2);
+    epi(ho[3], wo[3], std::min(VL, Wo - wo[3]), a3);
+  }
+  for (; i < total; ++i) {
+    const int64_t h = i / nv, wo = (i - h * nv) * VL;
+    const T* b = buf + h * row_step + wo;
+    V<T> a(0);
+    for (int64_t t = 0; t < nt; ++t) a = at::vec::fmadd(wv[t], V<T>::loadu(b + off[t]), a);
+    epi(h, wo, std::min(VL, Wo - wo), a);
+  }
+}
+
+template <typename T, typename Epi>
+inline void nchw_core(int64_t Ho, int64_t Wo, const T* buf, int64_t row_step, const int64_t* off, int64_t taps,
+                      const T* w, Epi&& epi) {
+  switch (taps) {
+    case 9: return nchw_core_t<T, 9>(Ho, Wo, buf, row_step, off, taps, w, epi);
+    case 25: return nchw_core_t<T, 25>(Ho, Wo, buf, row_step, off, taps, w, epi);
+    case 49: return nchw_core_t<T, 49>(Ho, Wo, buf, row_step, off, taps, w, epi);
+    default: return nchw_core_t<T, 0>(Ho, Wo, buf, row_step, off, taps, w, epi);
+  }
+}
+
+// Offsets of the taps into the phase buffer of fill_plane_buf.
+inline std::vector<int64_t> plane_offsets(const ConvShape& s, const PlaneBuf& d) {
+  std::vector<int64_t> off(s.taps());
+  for (int64_t kh = 0; kh < s.KH; ++kh)
     for (int64_t kw = 0; kw < s.KW; ++kw) {
-      const int64_t t = kh * s.KW + kw;
       const int64_t o = kw * s.DW;
-      wv[t] = V<T>(w[t]);
-      off[t] = ((o % s.SW) * d.rows + kh * s.DH) * d.cols + o / s.SW;
+      off[kh * s.KW + kw] = ((o % s.SW) * d.rows + kh * s.DH) * d.cols + o / s.SW;
     }
-  }
-  for (int64_t ho = 0; ho < s.Ho; ++ho) {
-    const T* base = buf + ho * s.SH * d.cols;
-    for (int64_t wo = 0; wo < s.Wo; wo += VL) {
-      const int64_t cnt = std::min(VL, s.Wo - wo);
-      V<T> acc(0);
-      for (int64_t t = 0; t < taps; ++t) acc = at::vec::fmadd(wv[t], V<T>::loadu(base + off[t] + wo), acc);
-      epi(ho, wo, cnt, acc);
+  return off;
+}
+
+// Per-thread scratch of one NCHW plane task.
+template <typename T>
+struct PlaneScratch {
+  std::vector<T> buf, row;
+  PlaneScratch(const ConvShape& s, const PlaneBuf& d)
+      : buf(s.SW * d.rows * d.cols), row(s.SW * d.cols + 2 * V<T>::size()) {}
+  void fill(const ConvShape& s, const PlaneBuf& d, const T* xp) { fill_plane_buf(s, d, xp, buf.data(), row.data()); }
+};
+
+// Square K x K kernel, dilation 1, stride S over a phase buffer (S phases of `rows` x `cols`):
+// NB output rows at one column vector per step. Output row ho + j reads buffer rows
+// ho*S + j*S + kh, so the block reads (NB-1)*S + K distinct rows per tap column: each is loaded
+// once and feeds every FMA that needs it (weights stay in registers).
+template <typename T, int K, int S, int NB, typename Epi>
+inline void nchw_fast_rows(int64_t ho0, int64_t Wo, const T* buf, int64_t rows, int64_t cols, const V<T>* wv,
+                           Epi&& epi) {
+  constexpr int64_t VL = V<T>::size();
+  constexpr int NR = (NB - 1) * S + K;
+  for (int64_t wo = 0; wo < Wo; wo += VL) {
+    V<T> acc[NB];
+    for (int j = 0; j < NB; ++j) acc[j] = V<T>(0);
+    for (int kw = 0; kw < K; ++kw) {
+      const T* col = buf + ((kw % S) * rows + ho0 * S) * cols + wo + kw / S;
+      for (int r = 0; r < NR; ++r) {
+        const V<T> v = V<T>::loadu(col + r * cols);
+        for (int j = 0; j < NB; ++j) {
+          const int kh = r - j * S;
+          if (kh >= 0 && kh < K) acc[j] = at::vec::fmadd(wv[kh * K + kw], v, acc[j]);
+        }
+      }
     }
+    const int64_t cnt = std::min(VL, Wo - wo);
+    for (int j = 0; j < NB; ++j) epi(ho0 + j, wo, cnt, acc[j]);
   }
+}
+
+template <typename T, int K, int S, typename Epi>
+inline void nchw_fast(int64_t Ho, int64_t Wo, const T* buf, int64_t rows, int64_t cols, const T* w, Epi&& epi) {
+  V<T> wv[K * K];
+  for (int t = 0; t < K * K; ++t) wv[t] = V<T>(w[t]);
+  constexpr int NB = K <= 5 ? 4 : 2;
+  int64_t ho = 0;
+  for (; ho + NB <= Ho; ho += NB) nchw_fast_rows<T, K, S, NB>(ho, Wo, buf, rows, cols, wv, epi);
+  for (; ho < Ho; ++ho) nchw_fast_rows<T, K, S, 1>(ho, Wo, buf, rows, cols, wv, epi);
+}
+
+// True (and runs) if the shape has a register-blocked kernel; the caller falls back otherwise.
+template <typename T, typename Epi>
+inline bool nchw_try_fast(int64_t K, int64_t KW, int64_t S, int64_t SW, int64_t D, int64_t DW, int64_t Ho,
+                          int64_t Wo, const T* buf, int64_t rows, int64_t cols, const T* w, Epi&& epi) {
+  if (K != KW || S != SW || D != 1 || DW != 1) return false;
+  if (S == 1) {
+    if (K == 3) return nchw_fast<T, 3, 1>(Ho, Wo, buf, rows, cols, w, epi), true;
+    if (K == 5) return nchw_fast<T, 5, 1>(Ho, Wo, buf, rows, cols, w, epi), true;
+    if (K == 7) return nchw_fast<T, 7, 1>(Ho, Wo, buf, rows, cols, w, epi), true;
+  } else if (S == 2) {
+    if (K == 3) return nchw_fast<T, 3, 2>(Ho, Wo, buf, rows, cols, w, epi), true;
+    if (K == 5) return nchw_fast<T, 5, 2>(Ho, Wo, buf, rows, cols, w, epi), true;
+    if (K == 7) return nchw_fast<T, 7, 2>(Ho, Wo, buf, rows, cols, w, epi), true;
+  }
+  return false;
+}
+
+// Conv of one NCHW plane (already in scratch) with taps w[0..taps).
+template <typename T, typename Epi>
+inline void nchw_conv_plane(const ConvShape& s, const PlaneBuf& d, const std::vector<int64_t>& off,
+                            const T* buf, const T* w, Epi&& epi) {
+  if (nchw_try_fast(s.KH, s.KW, s.SH, s.SW, s.DH, s.DW, s.Ho, s.Wo, buf, d.rows, d.cols, w, epi)) return;
+  nchw_core(s.Ho, s.Wo, buf, s.SH * d.cols, off.data(), s.taps(), w, epi);
 }
 
 // ---- forward ---------------------------------------------------------------------------------
@@ -284,15 +486,17 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
   const int64_t planes = s.N * C;
   const int64_t hw = s.Ho * s.Wo;
   std::vector<double> pmean(stats ? planes : 0), pm2(stats ? planes : 0);
+  const std::vector<int64_t> off = plane_offsets(s, d);
   at::parallel_for(0, planes, grain_for(hw * s.taps()), [&](int64_t p0, int64_t p1) {
-    std::vector<T> buf(s.SW * d.rows * d.cols);
+    PlaneScratch<T> sc(s, d);
+    const T* buf = sc.buf.data();
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c = p % C;
-      fill_plane_buf(s, d, x + p * s.H * s.W, buf.data());
+      sc.fill(s, d, x + p * s.H * s.W);
       T* op = out + p * hw;
       const V<T> bv(b[c]);
       if (!stats) {
-        nchw_conv_plane(s, d, buf.data(), w + c * s.taps(), [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
+        nchw_conv_plane(s, d, off, buf, w + c * s.taps(), [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
           store(act_fwd<A>(acc + bv), op + ho * s.Wo + wo, cnt);
         });
         continue;
@@ -300,8 +504,8 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
       double psum = 0;
       V<T> rowsum(0);
       int64_t cur_ho = 0;
-      nchw_conv_plane(s, d, buf.data(), w + c * s.taps(), [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
-        if (ho != cur_ho) {
+      nchw_conv_plane(s, d, off, buf, w + c * s.taps(), [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
+        if (ho >= cur_ho + 16) {  // flush the vector sum to double every 16 rows
           psum += hsum(rowsum, VL);
           rowsum = V<T>(0);
           cur_ho = ho;
@@ -437,24 +641,26 @@ void backward_act_impl(const ConvShape& s, const T* x, const T* w, const T* b, c
   const PlaneBuf d = plane_buf_dims(s, VL);
   const int64_t planes = s.N * C, hw = s.Ho * s.Wo;
   std::vector<double> p1(planes), p2(planes);
+  const std::vector<int64_t> off = plane_offsets(s, d);
   at::parallel_for(0, planes, grain_for(hw * s.taps()), [&](int64_t q0, int64_t q1) {
-    std::vector<T> buf(s.SW * d.rows * d.cols);
+    PlaneScratch<T> sc(s, d);
+    const T* buf = sc.buf.data();
     for (int64_t p = q0; p < q1; ++p) {
       const int64_t c = p % C;
-      fill_plane_buf(s, d, x + p * s.H * s.W, buf.data());
+      sc.fill(s, d, x + p * s.H * s.W);
       const V<T> bm(b[c] - mean[c]), is(invstd[c]), ga(gamma[c]), be(beta[c]);
       double a1 = 0, a2 = 0;
       V<T> v1(0), v2(0);
       int64_t cur = 0;
-      const int64_t off = p * hw;
-      nchw_conv_plane(s, d, buf.data(), w + c * s.taps(), [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
-        if (ho != cur) {
+      const int64_t pbase = p * hw;
+      nchw_conv_plane(s, d, off, buf, w + c * s.taps(), [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
+        if (ho >= cur + 16) {  // flush the vector sums to double every 16 rows
           a1 += hsum(v1, VL);
           a2 += hsum(v2, VL);
           v1 = v2 = V<T>(0);
           cur = ho;
         }
-        const int64_t i = off + ho * s.Wo + wo;
+        const int64_t i = pbase + ho * s.Wo + wo;
         V<T> xh = (acc + bm) * is;
         V<T> g = V<T>::set(V<T>(0), act_bwd<A>(load(go + i, cnt), at::vec::fmadd(xh, ga, be)), cnt);
         store(g, gy + i, cnt);
@@ -486,24 +692,43 @@ void backward_act(const ConvShape& s, Act a, const T* x, const T* w, const T* b,
 template <typename T>
 void backward_input(const ConvShape& s, const T* gz, const T* w, T* gx) {
   constexpr int64_t VL = V<T>::size();
-  const int64_t C = s.C;
+  const int64_t C = s.C, taps = s.taps();
   if (s.N == 0) return;
+  const int64_t OH = (s.KH - 1) * s.DH, OW = (s.KW - 1) * s.DW;
+  if (s.cl && s.SH == 1 && s.SW == 1 && OH >= s.PH && OW >= s.PW) {
+    // Stride 1: grad_input = conv(gz, flipped w) with padding (K-1)*D - P: the forward kernel.
+    ConvShape t = s;
+    t.H = s.Ho; t.W = s.Wo; t.Ho = s.H; t.Wo = s.W; t.PH = OH - s.PH; t.PW = OW - s.PW;
+    std::vector<T> wf(taps * C);
+    for (int64_t kh = 0; kh < s.KH; ++kh)
+      for (int64_t kw = 0; kw < s.KW; ++kw)
+        std::memcpy(wf.data() + ((s.KH - 1 - kh) * s.KW + (s.KW - 1 - kw)) * C, w + (kh * s.KW + kw) * C,
+                    sizeof(T) * C);
+    at::parallel_for(0, s.N * s.H, grain_for(s.W * C * taps), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        T* gr = gx + r * s.W * C;
+        nhwc_conv_row(t, gz, wf.data(), r / s.H, r % s.H, [&](int64_t wi, int64_t c, int64_t cnt, V<T> acc) {
+          store(acc, gr + wi * C + c, cnt);
+        });
+      }
+    });
+    return;
+  }
   if (s.cl) {
-    // For input column wi: the taps kw with (wi + PW - kw*DW) divisible by SW and the output
-    // column inside [0, Wo). Same for rows. Precomputed once per call.
+    // General stride: for input column wi the taps kw with (wi + PW - kw*DW) divisible by SW and
+    // the output column inside [0, Wo); same for rows. Precomputed once per call.
     auto taps_for = [](int64_t i, int64_t P, int64_t D, int64_t S, int64_t K, int64_t O,
                        std::vector<std::pair<int64_t, int64_t>>& out) {
       out.clear();
       for (int64_t k = 0; k < K; ++k) {
-        const int64_t t = i + P - k * D;
-        if (t < 0 || t % S) continue;
-        if (t / S >= O) continue;
-        out.emplace_back(k, t / S);
+        const int64_t q = i + P - k * D;
+        if (q < 0 || q % S || q / S >= O) continue;
+        out.emplace_back(k, q / S);
       }
     };
     std::vector<std::vector<std::pair<int64_t, int64_t>>> col(s.W);
     for (int64_t wi = 0; wi < s.W; ++wi) taps_for(wi, s.PW, s.DW, s.SW, s.KW, s.Wo, col[wi]);
-    at::parallel_for(0, s.N * s.H, grain_for(s.W * C * s.taps()), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, s.N * s.H, grain_for(s.W * C * taps), [&](int64_t r0, int64_t r1) {
       std::vector<std::pair<int64_t, int64_t>> rowt;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t n = r / s.H, hi = r % s.H;
@@ -514,12 +739,10 @@ void backward_input(const ConvShape& s, const T* gz, const T* w, T* gx) {
           for (int64_t c = 0; c < C; c += VL) {
             const int64_t cnt = std::min(VL, C - c);
             V<T> acc(0);
-            for (auto [kh, ho] : rowt) {
-              for (auto [kw, wo] : col[wi]) {
-                acc = at::vec::fmadd(load(w + (kh * s.KW + kw) * C + c, cnt),
-                                     load(gzn + (ho * s.Wo + wo) * C + c, cnt), acc);
-              }
-            }
+            for (auto [kh, ho] : rowt)
+              for (auto [kw, wo] : col[wi])
+                acc = at::vec::fmadd(load(w + (kh * s.KW + kw) * C + c, cnt), load(gzn + (ho * s.Wo + wo) * C + c, cnt),
+                                     acc);
             store(acc, gr + wi * C + c, cnt);
           }
         }
@@ -529,46 +752,106 @@ void backward_input(const ConvShape& s, const T* gz, const T* w, T* gx) {
   }
   // NCHW: scatter gz into a zero-upsampled padded plane U, then a stride-1 correlation with the
   // flipped taps: gx[hi][wi] = sum w[kh][kw] * U[hi + (KH-1-kh)*DH][wi + (KW-1-kw)*DW].
-  const int64_t OH = (s.KH - 1) * s.DH, OW = (s.KW - 1) * s.DW;
-  const int64_t urows = s.H + OH, ucols = s.W + OW + VL;
-  const int64_t hw = s.Ho * s.Wo, taps = s.taps();
+  const int64_t urows = s.H + OH;
+  const int64_t ucols = (s.W + OW + 2 * VL - 1) / VL * VL;
+  const int64_t hw = s.Ho * s.Wo;
+  std::vector<int64_t> off(taps);
+  for (int64_t kh = 0; kh < s.KH; ++kh)
+    for (int64_t kw = 0; kw < s.KW; ++kw)
+      off[kh * s.KW + kw] = (s.KH - 1 - kh) * s.DH * ucols + (s.KW - 1 - kw) * s.DW;
   at::parallel_for(0, s.N * C, grain_for(s.H * s.W * taps), [&](int64_t p0, int64_t p1) {
-    std::vector<T> u(urows * ucols);
-    std::vector<V<T>> wv(taps);
-    std::vector<int64_t> off(taps);
+    std::vector<T> u((urows + 8) * ucols), wflip(taps);  // + 8 rows: the fast path's row blocks
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t c = p % C;
       std::fill(u.begin(), u.end(), T(0));
       const T* g = gz + p * hw;
       for (int64_t ho = 0; ho < s.Ho; ++ho) {
         const int64_t r = ho * s.SH + OH - s.PH;
         if (r < 0 || r >= urows) continue;
-        for (int64_t wo = 0; wo < s.Wo; ++wo) {
-          const int64_t q = wo * s.SW + OW - s.PW;
-          if (q >= 0 && q < s.W + OW) u[r * ucols + q] = g[ho * s.Wo + wo];
+        T* ur = u.data() + r * ucols;
+        const T* gr = g + ho * s.Wo;
+        if (s.SW == 1) {
+          // q = wo + OW - PW, kept inside [0, W + OW)
+          const int64_t lo = std::max<int64_t>(0, s.PW - OW), hi = std::min<int64_t>(s.Wo, s.W + s.PW);
+          if (hi > lo) std::memcpy(ur + lo + OW - s.PW, gr + lo, sizeof(T) * (hi - lo));
+        } else {
+          for (int64_t wo = 0; wo < s.Wo; ++wo) {
+            const int64_t q = wo * s.SW + OW - s.PW;
+            if (q >= 0 && q < s.W + OW) ur[q] = gr[wo];
+          }
         }
       }
-      for (int64_t kh = 0; kh < s.KH; ++kh)
-        for (int64_t kw = 0; kw < s.KW; ++kw) {
-          const int64_t t = kh * s.KW + kw;
-          wv[t] = V<T>(w[c * taps + t]);
-          off[t] = (s.KH - 1 - kh) * s.DH * ucols + (s.KW - 1 - kw) * s.DW;
-        }
       T* gp = gx + p * s.H * s.W;
-      for (int64_t hi = 0; hi < s.H; ++hi) {
-        const T* base = u.data() + hi * ucols;
-        for (int64_t wi = 0; wi < s.W; wi += VL) {
-          const int64_t cnt = std::min(VL, s.W - wi);
-          V<T> acc(0);
-          for (int64_t t = 0; t < taps; ++t) acc = at::vec::fmadd(wv[t], V<T>::loadu(base + off[t] + wi), acc);
-          store(acc, gp + hi * s.W + wi, cnt);
-        }
-      }
+      auto epi = [&](int64_t hi, int64_t wi, int64_t cnt, V<T> acc) { store(acc, gp + hi * s.W + wi, cnt); };
+      const T* wc = w + (p % C) * taps;
+      for (int64_t t = 0; t < taps; ++t) wflip[taps - 1 - t] = wc[t];
+      if (!nchw_try_fast(s.KH, s.KW, int64_t(1), int64_t(1), s.DH, s.DW, s.H, s.W, u.data(), urows, ucols,
+                         wflip.data(), epi))
+        nchw_core(s.H, s.W, u.data(), ucols, off.data(), taps, wc, epi);
     }
   });
 }
 
 // ---- backward: weight and bias gradients -----------------------------------------------------
+
+// NHWC, one output row whose taps are all inside the image vertically: columns [wlo, whi) are
+// interior; per channel vector the K*K tap sums stay in registers across the row.
+template <typename T, int K>
+inline void wgrad_row_fast(const ConvShape& s, const T* xn, const T* grow, int64_t hi0, int64_t wlo, int64_t whi,
+                           T* rw, T* rb) {
+  constexpr int64_t VL = V<T>::size();
+  const int64_t C = s.C;
+  auto chunk = [&](int64_t c, auto full) {
+    constexpr bool FULL = decltype(full)::value;
+    const int64_t cnt = FULL ? VL : C - c;
+    auto ld = [&](const T* p) { if constexpr (FULL) return V<T>::loadu(p); else return V<T>::loadu(p, cnt); };
+    V<T> acc[K * K];
+    for (int t = 0; t < K * K; ++t) acc[t] = V<T>(0);
+    V<T> bs(0);
+    for (int64_t wo = wlo; wo < whi; ++wo) {
+      const V<T> g = ld(grow + wo * C + c);
+      bs = bs + g;
+      const T* xr = xn + (hi0 * s.W + wo * s.SW - s.PW) * C + c;
+      for (int kh = 0; kh < K; ++kh)
+        for (int kw = 0; kw < K; ++kw)
+          acc[kh * K + kw] = at::vec::fmadd(g, ld(xr + (kh * s.DH * s.W + kw * s.DW) * C), acc[kh * K + kw]);
+    }
+    for (int t = 0; t < K * K; ++t) store(load(rw + t * C + c, cnt) + acc[t], rw + t * C + c, cnt);
+    store(load(rb + c, cnt) + bs, rb + c, cnt);
+  };
+  int64_t c = 0;
+  for (; c + VL <= C; c += VL) chunk(c, std::true_type{});
+  if (c < C) chunk(c, std::false_type{});
+}
+
+// NCHW, one plane in the phase buffer: sums over the plane of g * x for every tap (registers when
+// TAPS > 0), flushed to double every 16 rows.
+template <typename T, int TAPS>
+inline void wgrad_plane_t(const ConvShape& s, const PlaneBuf& d, const int64_t* off, const T* buf, const T* g,
+                          double* out) {
+  constexpr int64_t VL = V<T>::size();
+  constexpr int64_t NT = TAPS > 0 ? TAPS + 1 : 1;
+  const int64_t taps = TAPS > 0 ? TAPS : s.taps();
+  V<T> acc_fixed[NT];
+  std::vector<V<T>> acc_dyn(TAPS > 0 ? 0 : taps + 1);
+  V<T>* acc = TAPS > 0 ? acc_fixed : acc_dyn.data();
+  auto flush = [&] {
+    for (int64_t t = 0; t <= taps; ++t) {
+      out[t] += hsum(acc[t], VL);
+      acc[t] = V<T>(0);
+    }
+  };
+  for (int64_t t = 0; t <= taps; ++t) acc[t] = V<T>(0);
+  for (int64_t ho = 0; ho < s.Ho; ++ho) {
+    const T* base = buf + ho * s.SH * d.cols;
+    for (int64_t wo = 0; wo < s.Wo; wo += VL) {
+      const V<T> gv = load(g + ho * s.Wo + wo, std::min(VL, s.Wo - wo));  // zero past the row end
+      for (int64_t t = 0; t < taps; ++t) acc[t] = at::vec::fmadd(gv, V<T>::loadu(base + off[t] + wo), acc[t]);
+      acc[taps] = acc[taps] + gv;
+    }
+    if ((ho & 15) == 15) flush();
+  }
+  flush();
+}
 
 template <typename T>
 void backward_weight(const ConvShape& s, const T* x, const T* gz, double* gw, double* gb) {
@@ -580,6 +863,10 @@ void backward_weight(const ConvShape& s, const T* x, const T* gz, double* gw, do
   if (s.cl) {
     const int nt = at::get_num_threads();
     std::vector<double> tw(nt * taps * C, 0.0), tb(nt * C, 0.0);
+    const bool square = s.KH == s.KW && (s.KH == 3 || s.KH == 5);
+    const int64_t wlo = std::min(s.Wo, (s.PW + s.SW - 1) / s.SW);
+    const int64_t num = s.W - 1 - (s.KW - 1) * s.DW + s.PW;
+    const int64_t whi = num < 0 ? wlo : std::max(wlo, std::min(s.Wo, num / s.SW + 1));
     at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C * taps), [&](int64_t r0, int64_t r1) {
       std::vector<T> rw(taps * C), rb(C);
       const int tid = at::get_thread_num();
@@ -592,7 +879,7 @@ void backward_weight(const ConvShape& s, const T* x, const T* gz, double* gw, do
         tap_range(hi0, s.DH, s.KH, s.H, kh0, kh1);
         const T* xn = x + n * s.H * s.W * C;
         const T* grow = gz + r * s.Wo * C;
-        for (int64_t wo = 0; wo < s.Wo; ++wo) {
+        auto slow = [&](int64_t wo) {
           const int64_t wi0 = wo * s.SW - s.PW;
           int64_t kw0, kw1;
           tap_range(wi0, s.DW, s.KW, s.W, kw0, kw1);
@@ -603,11 +890,18 @@ void backward_weight(const ConvShape& s, const T* x, const T* gz, double* gw, do
             for (int64_t kh = kh0; kh < kh1; ++kh) {
               const T* xr = xn + ((hi0 + kh * s.DH) * s.W + wi0) * C + c;
               T* wr = rw.data() + kh * s.KW * C + c;
-              for (int64_t kw = kw0; kw < kw1; ++kw) {
+              for (int64_t kw = kw0; kw < kw1; ++kw)
                 store(at::vec::fmadd(g, load(xr + kw * s.DW * C, cnt), load(wr + kw * C, cnt)), wr + kw * C, cnt);
-              }
             }
           }
+        };
+        if (square && kh0 == 0 && kh1 == s.KH) {
+          for (int64_t wo = 0; wo < wlo; ++wo) slow(wo);
+          if (s.KH == 3) wgrad_row_fast<T, 3>(s, xn, grow, hi0, wlo, whi, rw.data(), rb.data());
+          else wgrad_row_fast<T, 5>(s, xn, grow, hi0, wlo, whi, rw.data(), rb.data());
+          for (int64_t wo = whi; wo < s.Wo; ++wo) slow(wo);
+        } else {
+          for (int64_t wo = 0; wo < s.Wo; ++wo) slow(wo);
         }
         double* twt = tw.data() + tid * taps * C;
         for (int64_t i = 0; i < taps * C; ++i) twt[i] += rw[i];
@@ -623,30 +917,18 @@ void backward_weight(const ConvShape& s, const T* x, const T* gz, double* gw, do
   }
   const PlaneBuf d = plane_buf_dims(s, VL);
   const int64_t planes = s.N * C, hw = s.Ho * s.Wo;
+  const std::vector<int64_t> off = plane_offsets(s, d);
   std::vector<double> pw(planes * (taps + 1), 0.0);
   at::parallel_for(0, planes, grain_for(hw * taps), [&](int64_t p0, int64_t p1) {
-    std::vector<T> buf(s.SW * d.rows * d.cols);
-    std::vector<V<T>> acc(taps + 1);
-    std::vector<int64_t> off(taps);
-    for (int64_t kh = 0; kh < s.KH; ++kh)
-      for (int64_t kw = 0; kw < s.KW; ++kw) {
-        const int64_t o = kw * s.DW;
-        off[kh * s.KW + kw] = ((o % s.SW) * d.rows + kh * s.DH) * d.cols + o / s.SW;
-      }
+    PlaneScratch<T> sc(s, d);
     for (int64_t p = p0; p < p1; ++p) {
-      fill_plane_buf(s, d, x + p * s.H * s.W, buf.data());
+      sc.fill(s, d, x + p * s.H * s.W);
       double* out = pw.data() + p * (taps + 1);
       const T* g = gz + p * hw;
-      for (int64_t ho = 0; ho < s.Ho; ++ho) {
-        std::fill(acc.begin(), acc.end(), V<T>(0));
-        const T* base = buf.data() + ho * s.SH * d.cols;
-        for (int64_t wo = 0; wo < s.Wo; wo += VL) {
-          const int64_t cnt = std::min(VL, s.Wo - wo);
-          const V<T> gv = load(g + ho * s.Wo + wo, cnt);  // zero past the row end
-          for (int64_t t = 0; t < taps; ++t) acc[t] = at::vec::fmadd(gv, V<T>::loadu(base + off[t] + wo), acc[t]);
-          acc[taps] = acc[taps] + gv;
-        }
-        for (int64_t t = 0; t <= taps; ++t) out[t] += hsum(acc[t], VL);
+      switch (taps) {
+        case 9: wgrad_plane_t<T, 9>(s, d, off.data(), sc.buf.data(), g, out); break;
+        case 25: wgrad_plane_t<T, 25>(s, d, off.data(), sc.buf.data(), g, out); break;
+        default: wgrad_plane_t<T, 0>(s, d, off.data(), sc.buf.data(), g, out); break;
       }
     }
   });

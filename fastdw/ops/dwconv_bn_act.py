@@ -71,27 +71,33 @@ def dwconv_bn_act(
             f"{[x.shape[0], c, ho, wo]}"
         )
 
+    backend = _backend.resolve(x.device, x.dtype)  # raises before anything is modified
+
     factor = 0.0
-    if training and running_mean is not None:
-        if num_batches_tracked is not None:
-            with torch.no_grad():
-                num_batches_tracked.add_(1)
+    update = training and running_mean is not None
+    if update:
         if momentum is None:
             if num_batches_tracked is None:
                 raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-            factor = 1.0 / float(num_batches_tracked)
+            factor = 1.0 / (float(num_batches_tracked) + 1.0)  # as BatchNorm2d, after its increment
         else:
             factor = float(momentum)
 
-    backend = _backend.resolve(x.device, x.dtype)
     if backend == "reference":
-        return _ref.dwconv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                  training, factor, eps, stride, padding, dilation, activation)
+        out = _ref.dwconv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                 training, factor, eps, stride, padding, dilation, activation)
+        if update and num_batches_tracked is not None:
+            with torch.no_grad():
+                num_batches_tracked.add_(1)
+        return out
 
     out, mean, var = torch.ops.fastdw.dwconv_bn_act(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, float(eps),
         list(stride), list(padding), list(dilation), activation,
     )
+    if update and num_batches_tracked is not None:
+        with torch.no_grad():
+            num_batches_tracked.add_(1)
     if training and running_mean is not None:
         count = x.shape[0] * ho * wo
         if count > 0:
@@ -118,8 +124,17 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+def _same_device(*tensors) -> None:
+    # The fake kernel also runs when one argument is on the meta device and the others are real
+    # (the dispatcher picks it for the whole call): refuse mixed devices there too.
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise RuntimeError(f"fastdw::dwconv_bn_act: tensors on different devices: {sorted(map(str, devices))}")
+
+
 def _fake_forward(x, weight, bias, bn_weight, bn_bias, mean, var, training, eps, stride, padding,
                   dilation, activation):
+    _same_device(x, weight, bias, bn_weight, bn_bias, mean, var)
     fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
     out = x.new_empty(_out_shape(x, weight, stride, padding, dilation)).contiguous(memory_format=fmt)
     stat_dtype = x.dtype
@@ -129,6 +144,7 @@ def _fake_forward(x, weight, bias, bn_weight, bn_bias, mean, var, training, eps,
 
 def _fake_backward(grad_out, x, weight, bias, bn_weight, bn_bias, mean, var, training, eps, stride,
                    padding, dilation, activation, output_mask):
+    _same_device(grad_out, x, weight, bias, bn_weight, bn_bias, mean, var)
     fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
 
     def maybe(flag, t, shape):
@@ -165,12 +181,22 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
     return (*grads, None, None, None, None, None, None, None, None)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "fastdw.ops.dwconv_bn_act does not support double backward (gradients of gradients); "
+        "use fastdw.use_backend('reference') for that"
+    )
+
+
 def _register() -> None:
     if not _backend.extension_loaded():
         return
     torch.library.register_fake("fastdw::dwconv_bn_act")(_fake_forward)
     torch.library.register_fake("fastdw::dwconv_bn_act_backward")(_fake_backward)
     torch.library.register_autograd("fastdw::dwconv_bn_act", _backward, setup_context=_setup_context)
+    # Without this, a gradient of the gradient would silently be zero.
+    torch.library.register_autograd("fastdw::dwconv_bn_act_backward", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
 
 
 _register()

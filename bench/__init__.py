@@ -1,0 +1,1 @@
+"""fastdw benchmarks: `python -m bench.<name>`."""
