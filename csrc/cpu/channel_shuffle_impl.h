@@ -3,8 +3,9 @@
 // and one write of every element.
 //  * NCHW: every output plane is one memcpy of an input plane (channel j comes from
 //    (j % g) * (C / g) + j / g).
-//  * NHWC: every pixel's channel vector is transposed from [g][C/g] to [C/g][g]; g = 2 (and its
-//    inverse, C/g = 2) are vector interleaves / deinterleaves, other g a strided gather.
+//  * NHWC: every pixel's channel vector is transposed from [g][C/g] to [C/g][g]: g = 2, 4 by
+//    rounds of vector interleaves (a g x VL block at a time), C/g = 2 by a deinterleave, other g
+//    by ATen's blocked transpose.
 //  * interleave (concat + shuffle(2) of two tensors): as above, reading a and b through their
 //    strides, so a channel slice of a bigger tensor (ShuffleNetV2's pass-through half) is read
 //    in place, not copied first.
@@ -16,6 +17,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <tuple>
 
 #include "cpu/channel_shuffle_kernel.h"
 
@@ -61,15 +63,55 @@ inline void deinterleave_row(const T* g, T* a, T* b, int64_t n) {
   }
 }
 
-// One pixel: o[k * g + i] = x[i * cg + k].
+// out[m * G + i] = in_i[m] for G vectors in[0..G): a G-way interleave (a G x VL -> VL x G transpose)
+// as log2(G) rounds of interleave2: interleaving the even and the odd streams, then the two results.
+template <int G, typename T>
+inline void interleave_vectors(const V<T>* in, V<T>* out) {
+  if constexpr (G == 1) {
+    out[0] = in[0];
+  } else {
+    V<T> ev[G / 2], od[G / 2], e[G / 2], o[G / 2];
+    for (int j = 0; j < G / 2; ++j) {
+      ev[j] = in[2 * j];
+      od[j] = in[2 * j + 1];
+    }
+    interleave_vectors<G / 2>(ev, e);
+    interleave_vectors<G / 2>(od, o);
+    for (int q = 0; q < G / 2; ++q) std::tie(out[2 * q], out[2 * q + 1]) = at::vec::interleave2(e[q], o[q]);
+  }
+}
+
+// One pixel, G (a power of two) groups: o[k * G + i] = x[i * cg + k], VL columns of all groups at once.
+template <int G, typename T>
+inline void transpose_row_pow2(const T* x, T* o, int64_t cg) {
+  constexpr int64_t VL = V<T>::size();
+  V<T> in[G], out[G];
+  int64_t k = 0;
+  for (; k + VL <= cg; k += VL) {
+    for (int i = 0; i < G; ++i) in[i] = V<T>::loadu(x + i * cg + k);
+    interleave_vectors<G>(in, out);
+    for (int i = 0; i < G; ++i) out[i].store(o + k * G + i * VL);
+  }
+  for (; k < cg; ++k)
+    for (int i = 0; i < G; ++i) o[k * G + i] = x[i * cg + k];
+}
+
+// One pixel: o[k * g + i] = x[i * cg + k]: a g x cg -> cg x g transpose, by vector interleaves for
+// g = 2, 4, 8 (and C/g = 2), else by a scalar loop (contiguous loads, stride-g stores). Not ATen's
+// transpose_mxn: its masked 16 x 16 tiles are ~10x slower here (masked stores on this CPU).
 template <typename T>
 inline void transpose_row(const T* x, T* o, int64_t g, int64_t cg) {
+  constexpr int64_t VL = V<T>::size();
   if (g == 1 || cg == 1) {
     std::memcpy(o, x, sizeof(T) * g * cg);
   } else if (g == 2) {
     interleave_row(x, x + cg, o, cg);
   } else if (cg == 2) {
     deinterleave_row(x, o, o + g, g);
+  } else if (g == 4 && cg >= VL) {
+    transpose_row_pow2<4>(x, o, cg);
+  } else if (g == 8 && cg >= VL) {
+    transpose_row_pow2<8>(x, o, cg);
   } else {
     for (int64_t i = 0; i < g; ++i) {
       const T* src = x + i * cg;

@@ -38,7 +38,7 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     groups = _validate.groups_dividing(groups, c)
     if _backend.resolve(x.device, x.dtype) == "reference":
         return _ref.channel_shuffle(x, groups)
-    return torch.ops.fastdw.channel_shuffle(x, groups)
+    return torch.ops.fastdw.channel_shuffle.default(x, groups)
 
 
 def concat_shuffle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,7 @@ def concat_shuffle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"a and b must have the same shape, got {list(a.shape)} and {list(b.shape)}")
     if _backend.resolve(a.device, a.dtype) == "reference":
         return _ref.concat_shuffle(a, b)
-    return torch.ops.fastdw.concat_shuffle(a, b)
+    return torch.ops.fastdw.concat_shuffle.default(a, b)
 
 
 def shuffle_permutation(channels: int, groups: int) -> torch.Tensor:
@@ -104,7 +104,7 @@ def _shuffle_setup_context(ctx, inputs, output):
 
 
 def _shuffle_backward(ctx, grad):
-    return torch.ops.fastdw.channel_shuffle(grad, ctx.inverse_groups), None
+    return torch.ops.fastdw.channel_shuffle.default(grad, ctx.inverse_groups), None
 
 
 def _fake_concat(a, b):
@@ -124,7 +124,7 @@ def _concat_setup_context(ctx, inputs, output):
 
 
 def _concat_backward(ctx, grad):
-    ga, gb = torch.ops.fastdw.concat_shuffle_backward(grad)
+    ga, gb = torch.ops.fastdw.concat_shuffle_backward.default(grad)
     return ga, gb
 
 
