@@ -36,10 +36,27 @@ bool is_channels_last(const at::Tensor& x) {
   return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
 }
 
+// Per-channel parameters are tiny; read them straight from memory (no ATen op per call: the
+// fixed cost matters for the small layers of batch-1 inference).
+std::vector<double> as_doubles(const at::Tensor& t, int64_t n) {
+  std::vector<double> out(n);
+  const int64_t st = t.dim() > 0 ? t.stride(0) : 0;
+  if (t.scalar_type() == at::kFloat) {
+    const float* p = t.const_data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) out[i] = p[i * st];
+  } else if (t.scalar_type() == at::kDouble) {
+    const double* p = t.const_data_ptr<double>();
+    for (int64_t i = 0; i < n; ++i) out[i] = p[i * st];
+  } else {
+    at::Tensor d = t.detach().to(at::kDouble).contiguous();
+    std::copy(d.const_data_ptr<double>(), d.const_data_ptr<double>() + n, out.begin());
+  }
+  return out;
+}
+
 std::vector<double> as_doubles(const std::optional<at::Tensor>& t, int64_t n, double fill) {
   if (!t.has_value() || !t->defined()) return std::vector<double>(n, fill);
-  at::Tensor d = t->detach().to(at::kDouble).contiguous();
-  return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + n);
+  return as_doubles(*t, n);
 }
 
 void check_vec(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x, int64_t C) {
@@ -97,8 +114,8 @@ ConvShape make_shape(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef s
 // Weights in the kernel's layout: [C][taps] (NCHW) or [taps][C] (NHWC), each scaled by scale[c].
 template <typename T>
 std::vector<T> weights(const ConvShape& s, const at::Tensor& w, const std::vector<double>& scale) {
-  at::Tensor wd = w.detach().to(at::kDouble).reshape({s.C, s.taps()}).contiguous();
-  const double* p = wd.data_ptr<double>();
+  const std::vector<double> wd = as_doubles(w.contiguous().view({-1}), s.C * s.taps());
+  const double* p = wd.data();
   std::vector<T> out(s.C * s.taps());
   for (int64_t c = 0; c < s.C; ++c)
     for (int64_t t = 0; t < s.taps(); ++t)
