@@ -123,6 +123,23 @@ std::vector<T> weights(const ConvShape& s, const at::Tensor& w, const std::vecto
   return out;
 }
 
+// Input channel c of the conv is channel src[c] of x when x is read through channel_shuffle(x, g).
+std::vector<int64_t> shuffle_sources(int64_t C, int64_t g) {
+  TORCH_CHECK_VALUE(g >= 1, "fastdw::dwconv_bn_act: shuffle_groups must be >= 1, got ", g);
+  TORCH_CHECK_VALUE(C % g == 0, "fastdw::dwconv_bn_act: shuffle_groups (", g, ") must divide the channels (", C, ")");
+  std::vector<int64_t> src(C);
+  const int64_t per = C / g;
+  for (int64_t c = 0; c < C; ++c) src[c] = (c % g) * per + c / g;
+  return src;
+}
+
+// NHWC inputs read through a shuffle are shuffled once up front (the NHWC kernel vectorises over
+// channels, so a per-channel indirection would turn every load into a gather).
+at::Tensor shuffled(const at::Tensor& x, int64_t g, at::MemoryFormat fmt) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  return x.view({N, g, C / g, H, W}).transpose(1, 2).reshape({N, C, H, W}).contiguous(fmt);
+}
+
 template <typename T>
 std::vector<T> cast(const std::vector<double>& v) {
   return std::vector<T>(v.begin(), v.end());
@@ -138,8 +155,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var, bool training, double eps,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation) {
-  const ConvShape s = make_shape(x, weight, stride, padding, dilation);
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation,
+    int64_t shuffle_groups) {
+  ConvShape s = make_shape(x, weight, stride, padding, dilation);
+  const std::vector<int64_t> src = shuffle_sources(s.C, shuffle_groups);
   const Act act = parse_act(std::string(activation));
   for (auto [t, name] : {std::pair{&bias, "bias"}, {&bn_weight, "bn_weight"}, {&bn_bias, "bn_bias"},
                          {&mean, "mean"}, {&var, "var"}})
@@ -152,7 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
                     s.Ho, ", ", s.Wo, "]");
   const bool normalises = training || has_stats;
   const auto fmt = s.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor xc = x.contiguous(fmt);
+  at::Tensor xc = shuffle_groups > 1 && s.cl ? shuffled(x, shuffle_groups, fmt) : x.contiguous(fmt);
+  if (shuffle_groups > 1 && !s.cl) s.chan_src = src.data();
   at::Tensor out = at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(fmt));
   at::Tensor save_mean = at::empty({training ? s.C : 0}, x.options());
   at::Tensor save_var = at::empty({training ? s.C : 0}, x.options());
@@ -201,8 +221,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var, bool training, double eps,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation,
-    std::array<bool, 5> mask) {
-  const ConvShape s = make_shape(x, weight, stride, padding, dilation);
+    std::array<bool, 5> mask, int64_t shuffle_groups) {
+  ConvShape s = make_shape(x, weight, stride, padding, dilation);
+  const std::vector<int64_t> src = shuffle_sources(s.C, shuffle_groups);
   const Act act = parse_act(std::string(activation));
   for (auto [t, name] : {std::pair{&bias, "bias"}, {&bn_weight, "bn_weight"}, {&bn_bias, "bn_bias"},
                          {&mean, "mean"}, {&var, "var"}})
@@ -215,7 +236,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   TORCH_CHECK_VALUE(!training || has_stats, "fastdw::dwconv_bn_act_backward: training needs the saved batch mean/var");
   const bool normalises = training || has_stats;
   const auto fmt = s.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor xc = x.contiguous(fmt);
+  const bool shuffle_copy = shuffle_groups > 1 && s.cl;
+  at::Tensor xc = shuffle_copy ? shuffled(x, shuffle_groups, fmt) : x.contiguous(fmt);
+  if (shuffle_groups > 1 && !s.cl) s.chan_src = src.data();
   at::Tensor go = grad_out.to(x.scalar_type()).contiguous(fmt);
   at::Tensor gx = mask[0] ? at::empty_like(xc, x.options().memory_format(fmt)) : at::empty({0}, x.options());
   at::Tensor gw = at::empty({mask[1] ? s.C : 0}, x.options());
@@ -282,6 +305,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
                                          : at::empty({0}, x.options());
   gbb = mask[4] && bn_bias.has_value() ? to_tensor(sum_gy, {s.C}, bn_bias->scalar_type()) : at::empty({0}, x.options());
   if (!mask[0]) gx = at::empty({0}, x.options());
+  else if (shuffle_copy) {
+    // gx holds the gradient of the shuffled copy: un-shuffle (the inverse is a shuffle by C / g).
+    gx = shuffled(gx, s.C / shuffle_groups, fmt);
+  }
   return {gx, gw, gb, gbw, gbb};
 }
 

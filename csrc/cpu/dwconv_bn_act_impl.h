@@ -503,7 +503,7 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
     const T* buf = sc.buf.data();
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c = p % C;
-      sc.fill(s, d, x + p * s.H * s.W);
+      sc.fill(s, d, x + s.in_plane(p));
       T* op = out + p * hw;
       const V<T> bv(b[c]);
       if (!stats) {
@@ -658,7 +658,7 @@ void backward_act_impl(const ConvShape& s, const T* x, const T* w, const T* b, c
     const T* buf = sc.buf.data();
     for (int64_t p = q0; p < q1; ++p) {
       const int64_t c = p % C;
-      sc.fill(s, d, x + p * s.H * s.W);
+      sc.fill(s, d, x + s.in_plane(p));
       const V<T> bm(b[c] - mean[c]), is(invstd[c]), ga(gamma[c]), be(beta[c]);
       double a1 = 0, a2 = 0;
       V<T> v1(0), v2(0);
@@ -791,7 +791,7 @@ void backward_input(const ConvShape& s, const T* gz, const T* w, T* gx) {
           }
         }
       }
-      T* gp = gx + p * s.H * s.W;
+      T* gp = gx + s.in_plane(p);
       auto epi = [&](int64_t hi, int64_t wi, int64_t cnt, V<T> acc) { store(acc, gp + hi * s.W + wi, cnt); };
       const T* wc = w + (p % C) * taps;
       for (int64_t t = 0; t < taps; ++t) wflip[taps - 1 - t] = wc[t];
@@ -933,7 +933,7 @@ void backward_weight(const ConvShape& s, const T* x, const T* gz, double* gw, do
   at::parallel_for(0, planes, grain_for(hw * taps), [&](int64_t p0, int64_t p1) {
     PlaneScratch<T> sc(s, d);
     for (int64_t p = p0; p < p1; ++p) {
-      sc.fill(s, d, x + p * s.H * s.W);
+      sc.fill(s, d, x + s.in_plane(p));
       double* out = pw.data() + p * (taps + 1);
       const T* g = gz + p * hw;
       switch (taps) {
