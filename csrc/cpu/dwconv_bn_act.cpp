@@ -36,10 +36,27 @@ bool is_channels_last(const at::Tensor& x) {
   return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
 }
 
+// Per-channel parameters are tiny; read them straight from memory (no ATen op per call: the
+// fixed cost matters for the small layers of batch-1 inference).
+std::vector<double> as_doubles(const at::Tensor& t, int64_t n) {
+  std::vector<double> out(n);
+  const int64_t st = t.dim() > 0 ? t.stride(0) : 0;
+  if (t.scalar_type() == at::kFloat) {
+    const float* p = t.const_data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) out[i] = p[i * st];
+  } else if (t.scalar_type() == at::kDouble) {
+    const double* p = t.const_data_ptr<double>();
+    for (int64_t i = 0; i < n; ++i) out[i] = p[i * st];
+  } else {
+    at::Tensor d = t.detach().to(at::kDouble).contiguous();
+    std::copy(d.const_data_ptr<double>(), d.const_data_ptr<double>() + n, out.begin());
+  }
+  return out;
+}
+
 std::vector<double> as_doubles(const std::optional<at::Tensor>& t, int64_t n, double fill) {
   if (!t.has_value() || !t->defined()) return std::vector<double>(n, fill);
-  at::Tensor d = t->detach().to(at::kDouble).contiguous();
-  return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + n);
+  return as_doubles(*t, n);
 }
 
 void check_vec(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x, int64_t C) {
@@ -97,13 +114,30 @@ ConvShape make_shape(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef s
 // Weights in the kernel's layout: [C][taps] (NCHW) or [taps][C] (NHWC), each scaled by scale[c].
 template <typename T>
 std::vector<T> weights(const ConvShape& s, const at::Tensor& w, const std::vector<double>& scale) {
-  at::Tensor wd = w.detach().to(at::kDouble).reshape({s.C, s.taps()}).contiguous();
-  const double* p = wd.data_ptr<double>();
+  const std::vector<double> wd = as_doubles(w.contiguous().view({-1}), s.C * s.taps());
+  const double* p = wd.data();
   std::vector<T> out(s.C * s.taps());
   for (int64_t c = 0; c < s.C; ++c)
     for (int64_t t = 0; t < s.taps(); ++t)
       out[s.cl ? t * s.C + c : c * s.taps() + t] = static_cast<T>(p[c * s.taps() + t] * scale[c]);
   return out;
+}
+
+// Input channel c of the conv is channel src[c] of x when x is read through channel_shuffle(x, g).
+std::vector<int64_t> shuffle_sources(int64_t C, int64_t g) {
+  TORCH_CHECK_VALUE(g >= 1, "fastdw::dwconv_bn_act: shuffle_groups must be >= 1, got ", g);
+  TORCH_CHECK_VALUE(C % g == 0, "fastdw::dwconv_bn_act: shuffle_groups (", g, ") must divide the channels (", C, ")");
+  std::vector<int64_t> src(C);
+  const int64_t per = C / g;
+  for (int64_t c = 0; c < C; ++c) src[c] = (c % g) * per + c / g;
+  return src;
+}
+
+// NHWC inputs read through a shuffle are shuffled once up front (the NHWC kernel vectorises over
+// channels, so a per-channel indirection would turn every load into a gather).
+at::Tensor shuffled(const at::Tensor& x, int64_t g, at::MemoryFormat fmt) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  return x.view({N, g, C / g, H, W}).transpose(1, 2).reshape({N, C, H, W}).contiguous(fmt);
 }
 
 template <typename T>
@@ -121,8 +155,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var, bool training, double eps,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation) {
-  const ConvShape s = make_shape(x, weight, stride, padding, dilation);
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation,
+    int64_t shuffle_groups) {
+  ConvShape s = make_shape(x, weight, stride, padding, dilation);
+  const std::vector<int64_t> src = shuffle_sources(s.C, shuffle_groups);
   const Act act = parse_act(std::string(activation));
   for (auto [t, name] : {std::pair{&bias, "bias"}, {&bn_weight, "bn_weight"}, {&bn_bias, "bn_bias"},
                          {&mean, "mean"}, {&var, "var"}})
@@ -135,7 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
                     s.Ho, ", ", s.Wo, "]");
   const bool normalises = training || has_stats;
   const auto fmt = s.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor xc = x.contiguous(fmt);
+  at::Tensor xc = shuffle_groups > 1 && s.cl ? shuffled(x, shuffle_groups, fmt) : x.contiguous(fmt);
+  if (shuffle_groups > 1 && !s.cl) s.chan_src = src.data();
   at::Tensor out = at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(fmt));
   at::Tensor save_mean = at::empty({training ? s.C : 0}, x.options());
   at::Tensor save_var = at::empty({training ? s.C : 0}, x.options());
@@ -184,8 +221,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var, bool training, double eps,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation,
-    std::array<bool, 5> mask) {
-  const ConvShape s = make_shape(x, weight, stride, padding, dilation);
+    std::array<bool, 5> mask, int64_t shuffle_groups) {
+  ConvShape s = make_shape(x, weight, stride, padding, dilation);
+  const std::vector<int64_t> src = shuffle_sources(s.C, shuffle_groups);
   const Act act = parse_act(std::string(activation));
   for (auto [t, name] : {std::pair{&bias, "bias"}, {&bn_weight, "bn_weight"}, {&bn_bias, "bn_bias"},
                          {&mean, "mean"}, {&var, "var"}})
@@ -198,7 +236,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   TORCH_CHECK_VALUE(!training || has_stats, "fastdw::dwconv_bn_act_backward: training needs the saved batch mean/var");
   const bool normalises = training || has_stats;
   const auto fmt = s.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor xc = x.contiguous(fmt);
+  const bool shuffle_copy = shuffle_groups > 1 && s.cl;
+  at::Tensor xc = shuffle_copy ? shuffled(x, shuffle_groups, fmt) : x.contiguous(fmt);
+  if (shuffle_groups > 1 && !s.cl) s.chan_src = src.data();
   at::Tensor go = grad_out.to(x.scalar_type()).contiguous(fmt);
   at::Tensor gx = mask[0] ? at::empty_like(xc, x.options().memory_format(fmt)) : at::empty({0}, x.options());
   at::Tensor gw = at::empty({mask[1] ? s.C : 0}, x.options());
@@ -265,6 +305,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
                                          : at::empty({0}, x.options());
   gbb = mask[4] && bn_bias.has_value() ? to_tensor(sum_gy, {s.C}, bn_bias->scalar_type()) : at::empty({0}, x.options());
   if (!mask[0]) gx = at::empty({0}, x.options());
+  else if (shuffle_copy) {
+    // gx holds the gradient of the shuffled copy: un-shuffle (the inverse is a shuffle by C / g).
+    gx = shuffled(gx, s.C / shuffle_groups, fmt);
+  }
   return {gx, gw, gb, gbw, gbb};
 }
 

@@ -240,45 +240,56 @@ struct PlaneBuf {
 inline PlaneBuf plane_buf_dims(const ConvShape& s, int64_t VL) {
   PlaneBuf b;
   b.rows = (s.Ho - 1) * s.SH + (s.KH - 1) * s.DH + 1;
-  const int64_t need = s.Wo + ((s.KW - 1) * s.DW) / s.SW + VL;
+  // wide enough for every tap load (+ one vector of slack) and for fill_plane_buf's vector stores
+  const int64_t need = std::max(s.Wo + ((s.KW - 1) * s.DW) / s.SW,
+                                (s.W + s.SW - 1) / s.SW + (s.PW + s.SW - 1) / s.SW + VL) + VL;
   b.cols = (need + VL - 1) / VL * VL;
   return b;
 }
 
 // buf[(j * rows + hp) * cols + q] = padded input at row hp, column q * SW + j (0 outside).
-// `row` is scratch of at least SW * cols + VL elements.
+// Stride 1 and 2 are vectorised (stride 2 splits even/odd input columns with one permute pair);
+// `row` is scratch of at least SW * cols + VL elements for other strides.
 template <typename T>
 inline void fill_plane_buf(const ConvShape& s, const PlaneBuf& d, const T* xp, T* buf, T* row) {
   constexpr int64_t VL = V<T>::size();
+  const V<T> zero(0);
   for (int64_t hp = 0; hp < d.rows; ++hp) {
     const int64_t hi = hp - s.PH;
-    if (hi < 0 || hi >= s.H) {
-      for (int64_t j = 0; j < s.SW; ++j) std::fill_n(buf + (j * d.rows + hp) * d.cols, d.cols, T(0));
-      continue;
-    }
-    const T* src = xp + hi * s.W;
-    // padded row: position q' = wi + PW for wi in [0, W), zero elsewhere, length SW * cols
-    const int64_t len = s.SW * d.cols;
-    T* dst0 = s.SW == 1 ? buf + hp * d.cols : row;
-    const int64_t q0 = std::min<int64_t>(len, s.PW);
-    const int64_t q1 = std::min<int64_t>(len, s.PW + s.W);
-    std::fill(dst0, dst0 + q0, T(0));
-    std::memcpy(dst0 + q0, src, sizeof(T) * std::max<int64_t>(0, q1 - q0));
-    std::fill(dst0 + std::max(q0, q1), dst0 + len, T(0));
-    if (s.SW == 1) continue;
-    if (s.SW == 2) {
-      T* e = buf + hp * d.cols;
-      T* o = buf + (d.rows + hp) * d.cols;
-      for (int64_t q = 0; q < d.cols; q += VL) {
-        auto [ev, od] = at::vec::deinterleave2(V<T>::loadu(row + 2 * q), V<T>::loadu(row + 2 * q + VL));
-        ev.store(e + q);
-        od.store(o + q);
-      }
-      continue;
-    }
     for (int64_t j = 0; j < s.SW; ++j) {
       T* dst = buf + (j * d.rows + hp) * d.cols;
-      for (int64_t q = 0; q < d.cols; ++q) dst[q] = row[q * s.SW + j];
+      for (int64_t q = 0; q < d.cols; q += VL) zero.store(dst + q);
+    }
+    if (hi < 0 || hi >= s.H) continue;
+    const T* src = xp + hi * s.W;
+    if (s.SW == 1) {
+      T* dst = buf + hp * d.cols + s.PW;
+      const int64_t n = std::min(s.W, d.cols - s.PW - VL);
+      int64_t q = 0;
+      for (; q + VL <= n; q += VL) V<T>::loadu(src + q).store(dst + q);
+      if (q < n) V<T>::loadu(src + q, n - q).store(dst + q, n - q);
+    } else if (s.SW == 2) {
+      // input column wi = 2k (+1) lands in phase (PW (+1)) % 2 at q = k + (PW (+1)) / 2
+      T* ev = buf + ((s.PW % 2) * d.rows + hp) * d.cols + s.PW / 2;
+      T* od = buf + (((s.PW + 1) % 2) * d.rows + hp) * d.cols + (s.PW + 1) / 2;
+      for (int64_t k = 0; 2 * k < s.W; k += VL) {
+        const int64_t left = s.W - 2 * k;
+        const V<T> a = left >= VL ? V<T>::loadu(src + 2 * k) : V<T>::loadu(src + 2 * k, left);
+        const V<T> b = left >= 2 * VL ? V<T>::loadu(src + 2 * k + VL)
+                                      : (left > VL ? V<T>::loadu(src + 2 * k + VL, left - VL) : zero);
+        auto [e, o] = at::vec::deinterleave2(a, b);
+        e.store(ev + k);
+        o.store(od + k);
+      }
+    } else {
+      const int64_t len = s.SW * d.cols;
+      const int64_t q0 = std::min<int64_t>(len, s.PW), q1 = std::min<int64_t>(len, s.PW + s.W);
+      std::fill(row, row + len, T(0));
+      if (q1 > q0) std::memcpy(row + q0, src, sizeof(T) * (q1 - q0));
+      for (int64_t j = 0; j < s.SW; ++j) {
+        T* dst = buf + (j * d.rows + hp) * d.cols;
+        for (int64_t q = 0; q < d.cols; ++q) dst[q] = row[q * s.SW + j];
+      }
     }
   }
 }
@@ -492,7 +503,7 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
     const T* buf = sc.buf.data();
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c = p % C;
-      sc.fill(s, d, x + p * s.H * s.W);
+      sc.fill(s, d, x + s.in_plane(p));
       T* op = out + p * hw;
       const V<T> bv(b[c]);
       if (!stats) {
@@ -647,7 +658,7 @@ void backward_act_impl(const ConvShape& s, const T* x, const T* w, const T* b, c
     const T* buf = sc.buf.data();
     for (int64_t p = q0; p < q1; ++p) {
       const int64_t c = p % C;
-      sc.fill(s, d, x + p * s.H * s.W);
+      sc.fill(s, d, x + s.in_plane(p));
       const V<T> bm(b[c] - mean[c]), is(invstd[c]), ga(gamma[c]), be(beta[c]);
       double a1 = 0, a2 = 0;
       V<T> v1(0), v2(0);
@@ -780,7 +791,7 @@ void backward_input(const ConvShape& s, const T* gz, const T* w, T* gx) {
           }
         }
       }
-      T* gp = gx + p * s.H * s.W;
+      T* gp = gx + s.in_plane(p);
       auto epi = [&](int64_t hi, int64_t wi, int64_t cnt, V<T> acc) { store(acc, gp + hi * s.W + wi, cnt); };
       const T* wc = w + (p % C) * taps;
       for (int64_t t = 0; t < taps; ++t) wflip[taps - 1 - t] = wc[t];
@@ -922,7 +933,7 @@ void backward_weight(const ConvShape& s, const T* x, const T* gz, double* gw, do
   at::parallel_for(0, planes, grain_for(hw * taps), [&](int64_t p0, int64_t p1) {
     PlaneScratch<T> sc(s, d);
     for (int64_t p = p0; p < p1; ++p) {
-      sc.fill(s, d, x + p * s.H * s.W);
+      sc.fill(s, d, x + s.in_plane(p));
       double* out = pw.data() + p * (taps + 1);
       const T* g = gz + p * hw;
       switch (taps) {
