@@ -301,6 +301,29 @@ def test_edge_sizes(shape):
     assert x.grad.shape == x.shape
 
 
+@requires_ext
+@pytest.mark.parametrize("shape, fmt", [((2, 12, 7), None), ((2, 12, 3, 2, 4), None),
+                                        ((2, 12, 3, 2, 4), torch.channels_last_3d)])
+def test_other_ranks(shape, fmt):
+    """[N, C, *]: the mean is over every position (3-D sequences, 5-D volumes, channels_last_3d)."""
+    x = torch.randn(shape, dtype=torch.float64)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    x.requires_grad_()
+    shapes = [(3, 12, 1, 1), (3,), (12, 3, 1, 1), (12,)]
+    params = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    gy = torch.randn_like(x)
+    results = []
+    for be in ("cpu", "reference"):
+        with fastdw.use_backend(be):
+            y = fastdw.ops.se_scale(x, *params, activation="silu", gate="hardsigmoid")
+            results.append((y, *torch.autograd.grad(y, (x, *params), gy)))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
+    if fmt is not None:
+        assert results[0][0].is_contiguous(memory_format=fmt)
+
+
 # --- bad input -----------------------------------------------------------------------------------
 
 
@@ -356,6 +379,8 @@ def test_bad_input_reaching_the_cpp_op_raises_python_errors():
                                   "relu", "sigmoid")
     with pytest.raises(ValueError, match="gate"):
         torch.ops.fastdw.se_scale(a["x"], a["fc1_weight"], None, a["fc2_weight"], None, "relu", "tanh")
+    with pytest.raises(ValueError, match="fc2_weight"):
+        torch.ops.fastdw.se_scale(a["x"], a["fc1_weight"], None, torch.randn(8), None, "relu", "sigmoid")
 
 
 def test_from_module_rejects_unsupported_variants():

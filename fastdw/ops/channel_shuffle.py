@@ -14,9 +14,10 @@ Inside networks the shuffle is absorbed instead of run:
   ``out[:, 2k + 1] = b[:, k]``, reading a and b through their strides (so the pass-through half,
   a channel slice of the block input, is copied once, into its slots). Backward
   (``fastdw::concat_shuffle_backward``) splits the gradient's even and odd channels.
-* ShuffleNetV1 (grouped 1x1 conv, shuffle, depthwise conv): ``shuffle_permutation`` gives the
-  channel order for an op that reads its input through a permutation, and ``shuffle_conv_weight``
-  folds a shuffle into the next dense conv: ``conv(shuffle(x), W) == conv(x, W')``.
+* ShuffleNetV1 (grouped 1x1 conv, shuffle, depthwise conv): the depthwise op reads its input
+  through the shuffle (``dwconv_bn_act(..., input_shuffle_groups=g)``); ``shuffle_permutation``
+  gives that channel order (``channel_shuffle(x, g) == x[:, perm]``), and ``shuffle_conv_weight``
+  folds a shuffle into the next dense conv instead: ``conv(shuffle(x), W) == conv(x, W')``.
 """
 
 from __future__ import annotations
