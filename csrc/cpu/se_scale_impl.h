@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/se_scale_kernel.h"
@@ -166,6 +167,22 @@ void channel_sums_impl(const SEShape& s, const T* x, const T* y, double* sums) {
       for (int64_t c0 = 0; c0 < C; c0 += 4 * VL) {
         const int64_t w = std::min(4 * VL, C - c0);
         V<T> a0(0), a1(0), a2(0), a3(0);
+        // J = number of vectors in this channel block (the last one possibly partial), fixed at
+        // compile time so the pixel loop keeps its accumulators in registers.
+        auto walk = [&](auto J) {
+          constexpr int64_t nv = decltype(J)::value;
+          const int64_t last = w - (nv - 1) * VL;  // lanes of the last vector
+          for (int64_t px = px0; px < px1; ++px) {
+            const int64_t i = px * C + c0;
+            if constexpr (nv == 4) a3 = a3 + term<T, Prod>(xb, yb, i + 3 * VL, last);
+            if constexpr (nv == 3) a2 = a2 + term<T, Prod>(xb, yb, i + 2 * VL, last);
+            if constexpr (nv >= 4) a2 = a2 + term<T, Prod>(xb, yb, i + 2 * VL);
+            if constexpr (nv == 2) a1 = a1 + term<T, Prod>(xb, yb, i + VL, last);
+            if constexpr (nv >= 3) a1 = a1 + term<T, Prod>(xb, yb, i + VL);
+            if constexpr (nv == 1) a0 = a0 + term<T, Prod>(xb, yb, i, last);
+            if constexpr (nv >= 2) a0 = a0 + term<T, Prod>(xb, yb, i);
+          }
+        };
         if (w == 4 * VL) {
           for (int64_t px = px0; px < px1; ++px) {
             const int64_t i = px * C + c0;
@@ -175,11 +192,11 @@ void channel_sums_impl(const SEShape& s, const T* x, const T* y, double* sums) {
             a3 = a3 + term<T, Prod>(xb, yb, i + 3 * VL);
           }
         } else {
-          V<T>* acc[4] = {&a0, &a1, &a2, &a3};
-          for (int64_t px = px0; px < px1; ++px) {
-            const int64_t i = px * C + c0;
-            for (int64_t j = 0; j * VL < w; ++j)
-              *acc[j] = *acc[j] + term<T, Prod>(xb, yb, i + j * VL, std::min(VL, w - j * VL));
+          switch ((w + VL - 1) / VL) {
+            case 1: walk(std::integral_constant<int64_t, 1>{}); break;
+            case 2: walk(std::integral_constant<int64_t, 2>{}); break;
+            case 3: walk(std::integral_constant<int64_t, 3>{}); break;
+            default: walk(std::integral_constant<int64_t, 4>{}); break;
           }
         }
         a0.store(tmp);
