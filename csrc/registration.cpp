@@ -16,6 +16,19 @@ TORCH_LIBRARY(fastdw, m) {
       "Tensor? bn_bias, Tensor? mean, Tensor? var, bool training, float eps, int[2] stride, "
       "int[2] padding, int[2] dilation, str activation, bool[5] output_mask, int shuffle_groups=1) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Squeeze-and-Excitation: returns (x * gate(fc2(act(fc1(mean_hw(x))))), mean_hw(x) as [N, C]).
+  m.def(
+      "se_scale(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
+      "str activation, str gate) -> (Tensor, Tensor)");
+  m.def(
+      "se_scale_backward(Tensor grad_out, Tensor x, Tensor pooled, Tensor fc1_weight, Tensor? fc1_bias, "
+      "Tensor fc2_weight, Tensor? fc2_bias, str activation, str gate, bool[5] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Channel shuffle; its backward is channel_shuffle(grad, C / groups).
+  m.def("channel_shuffle(Tensor x, int groups) -> Tensor");
+  // channel_shuffle(cat([a, b], 1), 2) in one pass; backward splits even and odd channels.
+  m.def("concat_shuffle(Tensor a, Tensor b) -> Tensor");
+  m.def("concat_shuffle_backward(Tensor grad_out) -> (Tensor, Tensor)");
 }
 
 namespace {

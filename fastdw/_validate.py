@@ -98,3 +98,63 @@ def conv_geometry(x, weight, stride, padding, dilation):
             f"padding {p}: the output would be {ho}x{wo}"
         )
     return s, p, d, (ho, wo)
+
+
+# --- Squeeze-and-Excitation and channel shuffle ------------------------------------------------
+
+SE_ACTIVATIONS = ("relu", "silu")
+SE_GATES = ("hardsigmoid", "sigmoid")
+
+
+def se_activation(name) -> str:
+    if not isinstance(name, str) or name not in SE_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {SE_ACTIVATIONS}, got {name!r}")
+    return name
+
+
+def se_gate(name) -> str:
+    if not isinstance(name, str) or name not in SE_GATES:
+        raise ValueError(f"gate must be one of {SE_GATES}, got {name!r}")
+    return name
+
+
+def batched_channels(x, name: str = "input") -> int:
+    """A floating-point tensor [N, C, *] with at least 3 dimensions; returns C."""
+    floating_tensor(x, name)
+    if x.dim() < 3:
+        raise ValueError(f"{name} must have at least 3 dimensions [N, C, *], got {x.dim()}-D "
+                         f"with shape {list(x.shape)}")
+    return x.shape[1]
+
+
+def groups_dividing(groups, channels: int) -> int:
+    """``groups`` of a channel shuffle: an int >= 1 that divides the channel count."""
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"groups must be an int, got {type(groups).__name__}")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    if channels % groups:
+        raise ValueError(f"groups ({groups}) must divide the number of channels ({channels})")
+    return groups
+
+
+def fc_weight(ref: torch.Tensor, w, name: str, rows: int | None, cols: int) -> int:
+    """A 1x1 conv weight [rows, cols, 1, 1] (or a Linear weight [rows, cols]); returns rows."""
+    if w is None:
+        raise TypeError(f"{name} must be a torch.Tensor, got None")
+    same_device_dtype(ref, w, name)
+    r = w.shape[0] if w.dim() in (2, 4) else -1
+    ok = w.dim() in (2, 4) and (rows is None or r == rows) and w.shape[1] == cols and w.shape[2:].numel() == 1
+    if not ok:
+        want = f"[{'S' if rows is None else rows}, {cols}, 1, 1]"
+        raise ValueError(f"{name} must have shape {want}, got {list(w.shape)}")
+    return r
+
+
+def vector(ref: torch.Tensor, t, name: str, length: int) -> None:
+    """An optional 1-D tensor of the input's device and dtype."""
+    if t is None:
+        return
+    same_device_dtype(ref, t, name)
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name} must have shape [{length}], got {list(t.shape)}")

@@ -1,5 +1,7 @@
 """Drop-in modules: same parameters under the same names as the modules they replace."""
 
+from fastdw.nn.channel_shuffle import ChannelShuffle
 from fastdw.nn.dwconv_bn_act import DWConvBNAct
+from fastdw.nn.squeeze_excite import SqueezeExcite
 
-__all__ = ["DWConvBNAct"]
+__all__ = ["ChannelShuffle", "DWConvBNAct", "SqueezeExcite"]

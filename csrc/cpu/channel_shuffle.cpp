@@ -1,0 +1,111 @@
+// CPU implementation of fastdw::channel_shuffle, fastdw::concat_shuffle and its backward: argument
+// checks and layout handling, then the kernels of csrc/cpu/channel_shuffle_impl.h for the best
+// instruction set of this CPU.
+//
+// channel_shuffle(x, g)[:, k * g + i] = x[:, i * (C / g) + k]; its backward is
+// channel_shuffle(grad, C / g) (the inverse permutation), so it needs no op of its own.
+// concat_shuffle(a, b) = channel_shuffle(cat([a, b], 1), 2): out[:, 2k] = a[:, k],
+// out[:, 2k + 1] = b[:, k], read through a's and b's strides (no copy of a channel-sliced input);
+// its backward splits the even and odd channels of the gradient (concat_shuffle_backward).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cpu/channel_shuffle_kernel.h"
+#include "cpu/layout.h"
+
+namespace fastdw::cpu {
+namespace {
+
+template <typename T>
+const ShuffleKernels<T>& kernels() {
+  if constexpr (std::is_same_v<T, float>) return shuffle_table_for_cpu().f32;
+  else return shuffle_table_for_cpu().f64;
+}
+
+void check_input(const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(x.dim() >= 3, "fastdw::", op, ": ", name, " must have at least 3 dimensions [N, C, *], got ",
+                    x.dim(), "-D");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "fastdw::", op, " (cpu): ", name,
+                   " must be float32 or float64, got ", x.scalar_type());
+}
+
+at::Tensor channel_shuffle_cpu(const at::Tensor& x, int64_t groups) {
+  check_input(x, "channel_shuffle", "input");
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(groups >= 1, "fastdw::channel_shuffle: groups must be >= 1, got ", groups);
+  TORCH_CHECK_VALUE(C % groups == 0, "fastdw::channel_shuffle: groups (", groups,
+                    ") must divide the number of channels (", C, ")");
+  const bool cl = channels_last_layout(x);
+  const auto fmt = layout_format(x, cl);
+  at::Tensor xc = x.contiguous(fmt);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(fmt));
+  const ShuffleShape s{x.size(0), C, inner_size(x), groups, cl};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_shuffle_cpu", [&] {
+    kernels<scalar_t>().shuffle(s, xc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// 4-D inputs are read through their strides; others are made contiguous and seen as [N, C, 1, L].
+at::Tensor as_4d(const at::Tensor& t) {
+  if (t.dim() == 4) return t;
+  return t.contiguous().view({t.size(0), t.size(1), 1, inner_size(t)});
+}
+
+at::Tensor concat_shuffle_cpu(const at::Tensor& a, const at::Tensor& b) {
+  check_input(a, "concat_shuffle", "a");
+  check_input(b, "concat_shuffle", "b");
+  TORCH_CHECK(b.device() == a.device(), "fastdw::concat_shuffle: b is on ", b.device(), " but a is on ", a.device());
+  TORCH_CHECK_TYPE(b.scalar_type() == a.scalar_type(), "fastdw::concat_shuffle: b has dtype ", b.scalar_type(),
+                   " but a has dtype ", a.scalar_type());
+  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), "fastdw::concat_shuffle: a and b must have the same shape, got ",
+                    a.sizes(), " and ", b.sizes());
+  // Output channels_last if either input has channels_last-like strides (4-D only): in
+  // ShuffleNetV2 one input is a channel slice of a bigger tensor, dense in neither format.
+  const bool cl = strides_like_channels_last(a) || strides_like_channels_last(b);
+  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end());
+  shape[1] *= 2;
+  at::Tensor out = at::empty(shape, a.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
+                                                                 : at::MemoryFormat::Contiguous));
+  const at::Tensor a4 = as_4d(a), b4 = as_4d(b);
+  PairShape s{a4.size(0), a4.size(1), a4.size(2), a4.size(3), cl, {}, {}};
+  for (int d = 0; d < 4; ++d) {
+    s.sa[d] = a4.stride(d);
+    s.sb[d] = b4.stride(d);
+  }
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "concat_shuffle_cpu", [&] {
+    kernels<scalar_t>().interleave(s, a4.const_data_ptr<scalar_t>(), b4.const_data_ptr<scalar_t>(),
+                                   out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> concat_shuffle_backward_cpu(const at::Tensor& grad_out) {
+  check_input(grad_out, "concat_shuffle_backward", "grad_out");
+  TORCH_CHECK_VALUE(grad_out.size(1) % 2 == 0, "fastdw::concat_shuffle_backward: grad_out must have an even number "
+                    "of channels, got ", grad_out.size(1));
+  const bool cl = grad_out.dim() == 4 && channels_last_layout(grad_out);
+  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor g = grad_out.contiguous(fmt);
+  std::vector<int64_t> shape(grad_out.sizes().begin(), grad_out.sizes().end());
+  shape[1] /= 2;
+  at::Tensor ga = at::empty(shape, grad_out.options().memory_format(fmt));
+  at::Tensor gb = at::empty(shape, grad_out.options().memory_format(fmt));
+  const int64_t inner = inner_size(grad_out);
+  PairShape s{grad_out.size(0), shape[1], 1, inner, cl, {}, {}};
+  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "concat_shuffle_backward_cpu", [&] {
+    kernels<scalar_t>().deinterleave(s, g.const_data_ptr<scalar_t>(), ga.mutable_data_ptr<scalar_t>(),
+                                     gb.mutable_data_ptr<scalar_t>());
+  });
+  return {ga, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdw, CPU, m) {
+  m.impl("channel_shuffle", &channel_shuffle_cpu);
+  m.impl("concat_shuffle", &concat_shuffle_cpu);
+  m.impl("concat_shuffle_backward", &concat_shuffle_backward_cpu);
+}
+
+}  // namespace fastdw::cpu

@@ -1,0 +1,219 @@
+// Channel shuffle kernels, written once with at::vec::Vectorized and compiled per instruction set
+// (csrc/cpu/isa/<isa>.cpp defines CPU_CAPABILITY and the -m flags). Pure data movement: one read
+// and one write of every element.
+//  * NCHW: every output plane is one memcpy of an input plane (channel j comes from
+//    (j % g) * (C / g) + j / g).
+//  * NHWC: every pixel's channel vector is transposed from [g][C/g] to [C/g][g]: g = 2, 4 by
+//    rounds of vector interleaves (a g x VL block at a time), C/g = 2 by a deinterleave, other g
+//    by ATen's blocked transpose.
+//  * interleave (concat + shuffle(2) of two tensors): as above, reading a and b through their
+//    strides, so a channel slice of a bigger tensor (ShuffleNetV2's pass-through half) is read
+//    in place, not copied first.
+// Helpers live in namespace `shuffle` because every op's impl header shares one translation unit.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+
+#include "cpu/channel_shuffle_kernel.h"
+
+namespace fastdw::cpu::CPU_CAPABILITY::shuffle {
+
+using at::vec::Vectorized;
+template <typename T>
+using V = Vectorized<T>;
+
+// Elements per parallel task (a copy is cheap per element: bigger tasks than arithmetic kernels).
+constexpr int64_t kChunk = 32768;
+inline int64_t grain(int64_t per_task) { return std::max<int64_t>(1, kChunk / std::max<int64_t>(1, per_task)); }
+
+// o[2k] = a[k], o[2k + 1] = b[k] for k < n.
+template <typename T>
+inline void interleave_row(const T* a, const T* b, T* o, int64_t n) {
+  constexpr int64_t VL = V<T>::size();
+  int64_t k = 0;
+  for (; k + VL <= n; k += VL) {
+    auto [lo, hi] = at::vec::interleave2(V<T>::loadu(a + k), V<T>::loadu(b + k));
+    lo.store(o + 2 * k);
+    hi.store(o + 2 * k + VL);
+  }
+  for (; k < n; ++k) {
+    o[2 * k] = a[k];
+    o[2 * k + 1] = b[k];
+  }
+}
+
+// a[k] = g[2k], b[k] = g[2k + 1] for k < n.
+template <typename T>
+inline void deinterleave_row(const T* g, T* a, T* b, int64_t n) {
+  constexpr int64_t VL = V<T>::size();
+  int64_t k = 0;
+  for (; k + VL <= n; k += VL) {
+    auto [ev, od] = at::vec::deinterleave2(V<T>::loadu(g + 2 * k), V<T>::loadu(g + 2 * k + VL));
+    ev.store(a + k);
+    od.store(b + k);
+  }
+  for (; k < n; ++k) {
+    a[k] = g[2 * k];
+    b[k] = g[2 * k + 1];
+  }
+}
+
+// out[m * G + i] = in_i[m] for G vectors in[0..G): a G-way interleave (a G x VL -> VL x G transpose)
+// as log2(G) rounds of interleave2: interleaving the even and the odd streams, then the two results.
+template <int G, typename T>
+inline void interleave_vectors(const V<T>* in, V<T>* out) {
+  if constexpr (G == 1) {
+    out[0] = in[0];
+  } else {
+    V<T> ev[G / 2], od[G / 2], e[G / 2], o[G / 2];
+    for (int j = 0; j < G / 2; ++j) {
+      ev[j] = in[2 * j];
+      od[j] = in[2 * j + 1];
+    }
+    interleave_vectors<G / 2>(ev, e);
+    interleave_vectors<G / 2>(od, o);
+    for (int q = 0; q < G / 2; ++q) std::tie(out[2 * q], out[2 * q + 1]) = at::vec::interleave2(e[q], o[q]);
+  }
+}
+
+// One pixel, G (a power of two) groups: o[k * G + i] = x[i * cg + k], VL columns of all groups at once.
+template <int G, typename T>
+inline void transpose_row_pow2(const T* x, T* o, int64_t cg) {
+  constexpr int64_t VL = V<T>::size();
+  V<T> in[G], out[G];
+  int64_t k = 0;
+  for (; k + VL <= cg; k += VL) {
+    for (int i = 0; i < G; ++i) in[i] = V<T>::loadu(x + i * cg + k);
+    interleave_vectors<G>(in, out);
+    for (int i = 0; i < G; ++i) out[i].store(o + k * G + i * VL);
+  }
+  for (; k < cg; ++k)
+    for (int i = 0; i < G; ++i) o[k * G + i] = x[i * cg + k];
+}
+
+// One pixel: o[k * g + i] = x[i * cg + k]: a g x cg -> cg x g transpose, by vector interleaves for
+// g = 2, 4, 8 (and C/g = 2), else by a scalar loop (contiguous loads, stride-g stores). Not ATen's
+// transpose_mxn: its masked 16 x 16 tiles are ~10x slower here (masked stores on this CPU).
+template <typename T>
+inline void transpose_row(const T* x, T* o, int64_t g, int64_t cg) {
+  constexpr int64_t VL = V<T>::size();
+  if (g == 1 || cg == 1) {
+    std::memcpy(o, x, sizeof(T) * g * cg);
+  } else if (g == 2) {
+    interleave_row(x, x + cg, o, cg);
+  } else if (cg == 2) {
+    deinterleave_row(x, o, o + g, g);
+  } else if (g == 4 && cg >= VL) {
+    transpose_row_pow2<4>(x, o, cg);
+  } else if (g == 8 && cg >= VL) {
+    transpose_row_pow2<8>(x, o, cg);
+  } else {
+    for (int64_t i = 0; i < g; ++i) {
+      const T* src = x + i * cg;
+      T* dst = o + i;
+      for (int64_t k = 0; k < cg; ++k) dst[k * g] = src[k];
+    }
+  }
+}
+
+template <typename T>
+void shuffle(const ShuffleShape& s, const T* x, T* out) {
+  const int64_t C = s.C, g = s.groups, cg = C / g, inner = s.inner;
+  if (s.N == 0 || C == 0 || inner == 0) return;
+  if (!s.cl) {
+    at::parallel_for(0, s.N * C, grain(inner), [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t n = j / C, co = j % C;
+        const int64_t ci = (co % g) * cg + co / g;
+        std::memcpy(out + j * inner, x + (n * C + ci) * inner, sizeof(T) * inner);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, s.N * inner, grain(C), [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) transpose_row(x + q * C, out + q * C, g, cg);
+  });
+}
+
+// dst[0..n) = src[0, st, 2 st, ...)
+template <typename T>
+inline void strided_copy(const T* src, int64_t st, T* dst, int64_t n) {
+  if (st == 1) {
+    std::memcpy(dst, src, sizeof(T) * n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i * st];
+  }
+}
+
+template <typename T>
+void interleave(const PairShape& s, const T* a, const T* b, T* out) {
+  const int64_t C = s.C, C2 = 2 * C, H = s.H, W = s.W;
+  if (s.N == 0 || C == 0 || H * W == 0) return;
+  if (!s.cl) {
+    at::parallel_for(0, s.N * C2, grain(H * W), [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t n = j / C2, co = j % C2;
+        const int64_t* st = co % 2 ? s.sb : s.sa;
+        const T* src = (co % 2 ? b : a) + n * st[0] + (co / 2) * st[1];
+        T* dst = out + j * H * W;
+        if (st[3] == 1 && st[2] == W) {
+          std::memcpy(dst, src, sizeof(T) * H * W);
+        } else {
+          for (int64_t h = 0; h < H; ++h) strided_copy(src + h * st[2], st[3], dst + h * W, W);
+        }
+      }
+    });
+    return;
+  }
+  const bool unit = s.sa[1] == 1 && s.sb[1] == 1;
+  at::parallel_for(0, s.N * H * W, grain(C2), [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t n = q / (H * W), h = (q / W) % H, w = q % W;
+      const T* pa = a + n * s.sa[0] + h * s.sa[2] + w * s.sa[3];
+      const T* pb = b + n * s.sb[0] + h * s.sb[2] + w * s.sb[3];
+      T* o = out + q * C2;
+      if (unit) {
+        interleave_row(pa, pb, o, C);
+      } else {
+        for (int64_t k = 0; k < C; ++k) {
+          o[2 * k] = pa[k * s.sa[1]];
+          o[2 * k + 1] = pb[k * s.sb[1]];
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void deinterleave(const PairShape& s, const T* g, T* ga, T* gb) {
+  const int64_t C = s.C, C2 = 2 * C, HW = s.H * s.W;
+  if (s.N == 0 || C == 0 || HW == 0) return;
+  if (!s.cl) {
+    at::parallel_for(0, s.N * C2, grain(HW), [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t n = j / C2, co = j % C2;
+        std::memcpy((co % 2 ? gb : ga) + (n * C + co / 2) * HW, g + j * HW, sizeof(T) * HW);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, s.N * HW, grain(C2), [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) deinterleave_row(g + q * C2, ga + q * C, gb + q * C, C);
+  });
+}
+
+template <typename T>
+constexpr ShuffleKernels<T> make_shuffle_kernels() {
+  return ShuffleKernels<T>{&shuffle<T>, &interleave<T>, &deinterleave<T>};
+}
+
+}  // namespace fastdw::cpu::CPU_CAPABILITY::shuffle
+
+#define FASTDW_DEFINE_CHANNEL_SHUFFLE_TABLE()                                                       \
+  FASTDW_ISA_DEFINE(ShuffleKernelTable, shuffle_table, FASTDW_STR(CPU_CAPABILITY),                  \
+                    shuffle::make_shuffle_kernels<float>(), shuffle::make_shuffle_kernels<double>())

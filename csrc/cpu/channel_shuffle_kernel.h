@@ -1,0 +1,42 @@
+// Interface between the dispatcher (channel_shuffle.cpp, compiled once with baseline flags) and the
+// kernels (channel_shuffle_impl.h, compiled once per instruction set in csrc/cpu/isa/<isa>.cpp).
+// Only plain pointers and PODs cross this line.
+#pragma once
+#include <cstdint>
+
+#include "cpu/isa.h"
+
+namespace fastdw::cpu {
+
+struct ShuffleShape {
+  int64_t N, C, inner;  // channels of the output; positions per (n, c)
+  int64_t groups;
+  bool cl;  // [N][inner][C] (channels last), else [N][C][inner]; input and output dense alike
+};
+
+// Two inputs of N x C x H x W with arbitrary strides (elements) and a dense output with 2C channels.
+struct PairShape {
+  int64_t N, C, H, W;  // C: channels of each input
+  bool cl;             // output (and the dense tensors of the backward) [N][H][W][2C], else [N][2C][H][W]
+  int64_t sa[4], sb[4];  // strides of a and b over (N, C, H, W)
+};
+
+template <typename T>
+struct ShuffleKernels {
+  // out[n, k * g + i] = x[n, i * (C / g) + k]: torch.nn.functional.channel_shuffle(x, g).
+  void (*shuffle)(const ShuffleShape&, const T* x, T* out);
+  // out[n, 2k] = a[n, k], out[n, 2k + 1] = b[n, k]: channel_shuffle(cat([a, b], 1), 2).
+  void (*interleave)(const PairShape&, const T* a, const T* b, T* out);
+  // The inverse: ga[n, k] = g[n, 2k], gb[n, k] = g[n, 2k + 1]; g, ga, gb dense (sa, sb unused).
+  void (*deinterleave)(const PairShape&, const T* g, T* ga, T* gb);
+};
+
+struct ShuffleKernelTable {
+  const char* isa;
+  ShuffleKernels<float> f32;
+  ShuffleKernels<double> f64;
+};
+
+FASTDW_ISA_SELECT(ShuffleKernelTable, shuffle_table)
+
+}  // namespace fastdw::cpu
