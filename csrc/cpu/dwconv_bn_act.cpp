@@ -140,6 +140,13 @@ at::Tensor shuffled(const at::Tensor& x, int64_t g, at::MemoryFormat fmt) {
   return x.view({N, g, C / g, H, W}).transpose(1, 2).reshape({N, C, H, W}).contiguous(fmt);
 }
 
+// Small NCHW planes (MobileNet's 7x7 and 14x14 layers) waste most of each vector along W and pay
+// a per-plane setup; there the channels_last kernel on a transposed copy is faster, transposes
+// included (the tensors are small). The result is returned in NCHW as usual.
+bool use_nhwc_for_small_planes(const ConvShape& s, int64_t shuffle_groups) {
+  return !s.cl && shuffle_groups == 1 && s.H * s.W <= 256 && s.C >= 8;
+}
+
 template <typename T>
 std::vector<T> cast(const std::vector<double>& v) {
   return std::vector<T>(v.begin(), v.end());
@@ -159,6 +166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
     int64_t shuffle_groups) {
   ConvShape s = make_shape(x, weight, stride, padding, dilation);
   const std::vector<int64_t> src = shuffle_sources(s.C, shuffle_groups);
+  const bool nchw_as_nhwc = use_nhwc_for_small_planes(s, shuffle_groups);
+  if (nchw_as_nhwc) s.cl = true;
   const Act act = parse_act(std::string(activation));
   for (auto [t, name] : {std::pair{&bias, "bias"}, {&bn_weight, "bn_weight"}, {&bn_bias, "bn_bias"},
                          {&mean, "mean"}, {&var, "var"}})
@@ -213,6 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
     const std::vector<T> bt = cast<T>(fb);
     k.forward(s, act, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>(), nullptr, nullptr);
   });
+  if (nchw_as_nhwc) out = out.contiguous();
   return {out, save_mean, save_var};
 }
 
@@ -224,6 +234,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     std::array<bool, 5> mask, int64_t shuffle_groups) {
   ConvShape s = make_shape(x, weight, stride, padding, dilation);
   const std::vector<int64_t> src = shuffle_sources(s.C, shuffle_groups);
+  const bool nchw_as_nhwc = use_nhwc_for_small_planes(s, shuffle_groups);
+  if (nchw_as_nhwc) s.cl = true;
   const Act act = parse_act(std::string(activation));
   for (auto [t, name] : {std::pair{&bias, "bias"}, {&bn_weight, "bn_weight"}, {&bn_bias, "bn_bias"},
                          {&mean, "mean"}, {&var, "var"}})
@@ -260,41 +272,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     const auto& k = kernels<T>();
     const std::vector<double> ones(s.C, 1.0);
     const std::vector<T> w = weights<T>(s, weight, ones);
-    const std::vector<T> bt = cast<T>(b), mt = cast<T>(m), it = cast<T>(invstd), gt = cast<T>(g), bet = cast<T>(beta);
-    at::Tensor gy = at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(fmt));
-    at::Tensor xhat = training ? at::empty_like(gy) : at::Tensor();
-    k.backward_act(s, act, xc.const_data_ptr<T>(), w.data(), bt.data(), mt.data(), it.data(), gt.data(), bet.data(),
-                   go.const_data_ptr<T>(), gy.mutable_data_ptr<T>(), training ? xhat.mutable_data_ptr<T>() : nullptr,
-                   sum_gy.data(), sum_gyx.data());
-    std::vector<double> k1(s.C);
-    for (int64_t c = 0; c < s.C; ++c) k1[c] = g[c] * invstd[c];
-    std::vector<double> wscale(s.C, 1.0), post(s.C, 1.0);
-    if (training) {
-      // gz = k1 * (gy - mean(gy) - xhat * mean(gy * xhat)), in place into gy.
-      const double M = double(s.N * s.Ho * s.Wo);
-      std::vector<double> k2(s.C), k3(s.C);
-      for (int64_t c = 0; c < s.C; ++c) {
-        k2[c] = -k1[c] * sum_gyx[c] / M;
-        k3[c] = -k1[c] * sum_gy[c] / M;
-      }
-      const std::vector<T> a = cast<T>(k1), bb = cast<T>(k2), cc = cast<T>(k3);
-      k.bn_backward(s, gy.mutable_data_ptr<T>(), xhat.const_data_ptr<T>(), a.data(), bb.data(), cc.data());
+    // xhat = z * a1 + a0 with z the bias-free conv output; gz = k1 * g + k2 * xhat + k3.
+    std::vector<double> a1(s.C), a0(s.C), k1(s.C), k2(s.C, 0.0), k3(s.C, 0.0);
+    for (int64_t c = 0; c < s.C; ++c) {
+      a1[c] = invstd[c];
+      a0[c] = (b[c] - m[c]) * invstd[c];
+      k1[c] = g[c] * invstd[c];
+    }
+    const std::vector<T> a1t = cast<T>(a1), a0t = cast<T>(a0), gt = cast<T>(g), bet = cast<T>(beta);
+    std::vector<T> k1t = cast<T>(k1), k2t = cast<T>(k2), k3t = cast<T>(k3);
+    BwdParams<T> p{a1t.data(), a0t.data(), gt.data(), bet.data(), k1t.data(), k2t.data(), k3t.data()};
+    const bool need_gz = mask[0] || mask[1] || mask[2];
+    at::Tensor gz = need_gz ? at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(fmt)) : at::Tensor();
+    T* gzp = need_gz ? gz.mutable_data_ptr<T>() : nullptr;
+    const T* xp = xc.const_data_ptr<T>();
+    const T* gop = go.const_data_ptr<T>();
+    if (!training) {
+      // One pass: BN parameter sums and gz = k1 * g together.
+      k.backward_act(s, act, xp, w.data(), p, gop, gzp, sum_gy.data(), sum_gyx.data());
     } else {
-      // gz = k1 * gy: fold k1 into the weights for grad_input and scale the weight sums after.
-      wscale = k1;
-      post = k1;
-    }
-    if (mask[0]) {
-      const std::vector<T> wk = weights<T>(s, weight, wscale);
-      k.backward_input(s, gy.const_data_ptr<T>(), wk.data(), gx.mutable_data_ptr<T>());
-    }
-    if (mask[1] || mask[2]) {
-      k.backward_weight(s, xc.const_data_ptr<T>(), gy.const_data_ptr<T>(), dw.data(), db.data());
-      for (int64_t c = 0; c < s.C; ++c) {
-        for (int64_t t = 0; t < s.taps(); ++t) dw[c * s.taps() + t] *= post[c];
-        db[c] *= post[c];
+      // Pass 1: the sums; pass 2: gz = k1 * (g - mean(g) - xhat * mean(g * xhat)). The conv is
+      // recomputed twice rather than storing xhat: cheaper than writing and re-reading it.
+      k.backward_act(s, act, xp, w.data(), p, gop, nullptr, sum_gy.data(), sum_gyx.data());
+      if (need_gz) {
+        const double M = double(s.N * s.Ho * s.Wo);
+        for (int64_t c = 0; c < s.C; ++c) {
+          k2t[c] = static_cast<T>(-k1[c] * sum_gyx[c] / M);
+          k3t[c] = static_cast<T>(-k1[c] * sum_gy[c] / M);
+        }
+        k.backward_act(s, act, xp, w.data(), p, gop, gzp, nullptr, nullptr);
       }
     }
+    if (mask[0]) k.backward_input(s, gz.const_data_ptr<T>(), w.data(), gx.mutable_data_ptr<T>());
+    if (mask[1] || mask[2]) k.backward_weight(s, xp, gz.const_data_ptr<T>(), dw.data(), db.data());
   });
   auto to_tensor = [&](const std::vector<double>& v, at::IntArrayRef shape, at::ScalarType dt) {
     return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).reshape(shape).to(dt);
@@ -304,6 +314,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   gbw = mask[3] && bn_weight.has_value() ? to_tensor(sum_gyx, {s.C}, bn_weight->scalar_type())
                                          : at::empty({0}, x.options());
   gbb = mask[4] && bn_bias.has_value() ? to_tensor(sum_gy, {s.C}, bn_bias->scalar_type()) : at::empty({0}, x.options());
+  if (nchw_as_nhwc && mask[0]) gx = gx.contiguous();
   if (!mask[0]) gx = at::empty({0}, x.options());
   else if (shuffle_copy) {
     // gx holds the gradient of the shuffled copy: un-shuffle (the inverse is a shuffle by C / g).
