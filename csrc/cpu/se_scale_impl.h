@@ -3,14 +3,15 @@
 //
 // The op makes exactly two passes over x (pool, then scale); everything between works on
 // [N][C] and [N][S] vectors and the two small FC matrices.
-//  * channel_sums, NCHW: one task = one (n, c) plane, four vector accumulators.
-//    NHWC: one task = (n, block of pixels); a block of 4 channel vectors is accumulated in
-//    registers while walking the pixels, per-block partial sums are merged in double in a fixed
-//    order, so batch 1 splits across threads and results do not depend on scheduling.
+//  * channel_sums, NCHW: one task = VL planes, four vector accumulators per plane, the VL
+//    partial-sum vectors reduced together (reduce_lanes). NHWC: one task = (n, block of pixels);
+//    a block of 4 channel vectors is accumulated in registers while walking the pixels, per-block
+//    partial sums are merged in double in a fixed order, so batch 1 splits across threads and
+//    results do not depend on scheduling.
 //  * scale: NCHW one plane times a scalar; NHWC one pixel row times the sample's gate vector.
-//  * excite / excite_backward: the 1x1 "convolutions" of SE on the pooled vectors, as
-//    row-parallel dot products (forward, weight gradients) and column-parallel axpys (gradients
-//    of the inputs), so each weight row is read once for the whole batch.
+//  * excite / excite_backward: the 1x1 "convolutions" of SE on the pooled vectors: blocks of VL
+//    dot products reduced together (forward), row-parallel outer products (weight gradients) and
+//    column-parallel axpys (input gradients), so each weight row is read once per sample.
 // Helpers live in namespace `se` because every op's impl header shares one translation unit.
 #pragma once
 
