@@ -1,0 +1,201 @@
+"""``FusedSequential``: an ``nn.Sequential`` whose conv -> BatchNorm -> activation runs are fused.
+
+Flat Sequentials such as torchvision's MNASNet layers or ShuffleNetV2 branches hold a depthwise
+conv, its BatchNorm and its activation as three siblings among others; wrapping them in a
+``DWConvBNAct`` would add a level to the ``state_dict`` keys. ``FusedSequential`` keeps every child
+where it is and only changes ``forward``, so checkpoints load either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdw.nn.dwconv_bn_act import DWConvBNAct, activation_name
+
+_INPLACE_ACTS = {
+    "relu": torch.relu_,
+    "relu6": lambda y: F.hardtanh_(y, 0.0, 6.0),
+    "hardswish": lambda y: F.hardswish(y, inplace=True),
+    "silu": lambda y: F.silu(y, inplace=True),
+}
+_ACTS = {"relu": torch.relu, "relu6": F.relu6, "hardswish": F.hardswish, "silu": F.silu}
+
+
+def _act_name(module: nn.Module) -> str | None:
+    """The fused name of an activation module, or None if it is not one fastdw fuses."""
+    try:
+        name = activation_name(module)
+    except ValueError:
+        return None
+    return None if name == "none" and type(module) is not nn.Identity else name
+
+
+def is_depthwise(conv: nn.Module) -> bool:
+    """A plain ``nn.Conv2d`` with one filter per channel (groups == in == out channels)."""
+    return (type(conv) is nn.Conv2d and conv.groups == conv.in_channels == conv.out_channels
+            and conv.groups > 1)
+
+
+def fuse_dwconv_bn_act(conv: nn.Module, bn: nn.Module,
+                       act: nn.Module | None = None) -> DWConvBNAct | str:
+    """A ``DWConvBNAct`` sharing ``conv``, ``bn`` and ``act``, or the reason they cannot be fused."""
+    if not is_depthwise(conv):
+        return f"{type(conv).__name__} is not a depthwise nn.Conv2d"
+    if not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not nn.BatchNorm2d.forward:
+        return f"{type(bn).__name__} after the depthwise conv is not a plain nn.BatchNorm2d"
+    try:
+        return DWConvBNAct.from_modules(conv, bn, act)
+    except (TypeError, ValueError) as e:
+        return str(e)
+
+
+def match_dwconv_bn_act(children: Sequence[nn.Module], i: int) -> tuple[DWConvBNAct, int] | None:
+    """If ``children[i:]`` starts with depthwise Conv2d -> BatchNorm2d (-> activation), the fused
+    module sharing them and how many children it covers (2 or 3)."""
+    if i + 1 >= len(children) or not is_depthwise(children[i]):
+        return None
+    act = children[i + 2] if i + 2 < len(children) else None
+    if act is not None and _act_name(act) is not None:
+        fused = fuse_dwconv_bn_act(children[i], children[i + 1], act)
+        if isinstance(fused, DWConvBNAct):
+            return fused, 3
+    fused = fuse_dwconv_bn_act(children[i], children[i + 1])
+    return (fused, 2) if isinstance(fused, DWConvBNAct) else None
+
+
+class _FoldedConvBN:
+    """Conv2d -> BatchNorm2d (-> activation) with, in eval mode, the BatchNorm folded into the conv.
+
+    Not a module (the parent owns the children); in training mode, or when the statistics cannot
+    be folded, it runs the children one after the other. Without autograd the folded weight and
+    bias are cached until a parameter or statistic changes (tensor version counters).
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module | None, act_name: str) -> None:
+        self.conv, self.bn, self.act, self.act_name = conv, bn, act, act_name
+        self._key: tuple | None = None
+        self._folded: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _tensors(self) -> list[torch.Tensor | None]:
+        bn = self.bn
+        return [self.conv.weight, self.conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+
+    def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        conv, bn = self.conv, self.bn
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        w = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
+        shift = -bn.running_mean if conv.bias is None else conv.bias - bn.running_mean
+        b = shift * scale
+        if bn.bias is not None:
+            b = b + bn.bias
+        return w, b.to(conv.weight.dtype)
+
+    def _cached_fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        tensors = self._tensors()
+        try:
+            key = tuple((id(t), t._version) if t is not None else None for t in tensors)
+        except RuntimeError:  # inference tensors have no version counter: do not cache
+            return self._fold()
+        if key != self._key or self._folded is None:
+            self._folded, self._key = self._fold(), key
+        return self._folded
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self.conv, self.bn
+        if bn.training or bn.running_mean is None or bn.running_var is None:
+            x = bn(conv(x))
+            return x if self.act is None else self.act(x)
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                               for t in (x, *self._tensors()))
+        w, b = self._fold() if grad else self._cached_fold()
+        y = F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if self.act_name == "none":
+            return y
+        return (_ACTS if grad else _INPLACE_ACTS)[self.act_name](y)
+
+
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and type(bn) is nn.BatchNorm2d
+            and bn.num_features == conv.out_channels)
+
+
+def plan(children: Sequence[nn.Module], fold_bn: bool = True) -> list[tuple[int, Callable]]:
+    """``(index of the first child covered, callable)`` pairs that ``FusedSequential`` runs in turn."""
+    steps: list[tuple[int, Callable]] = []
+    i = 0
+    while i < len(children):
+        match = match_dwconv_bn_act(children, i)
+        if match is not None:
+            steps.append((i, match[0].forward))  # hidden module: no hooks of its own to run
+            i += match[1]
+            continue
+        if fold_bn and i + 1 < len(children) and _foldable(children[i], children[i + 1]):
+            act = children[i + 2] if i + 2 < len(children) else None
+            name = _act_name(act) if act is not None else None
+            steps.append((i, _FoldedConvBN(children[i], children[i + 1], act if name else None, name or "none")))
+            i += 3 if name else 2
+            continue
+        steps.append((i, children[i]))
+        i += 1
+    return steps
+
+
+class FusedSequential(nn.Sequential):
+    """``nn.Sequential`` that runs its conv -> BatchNorm2d -> activation runs fused.
+
+    The children are the same modules at the same indices, so the ``state_dict`` (keys, order,
+    values) is exactly that of the plain ``nn.Sequential``. Only ``forward`` differs:
+
+    * a depthwise ``Conv2d`` -> ``BatchNorm2d`` (-> ReLU / ReLU6 / Hardswish / SiLU / Identity)
+      runs as one ``fastdw.nn.DWConvBNAct`` sharing those children, in training and eval mode;
+    * with ``fold_bn=True``, in eval mode, any other ``Conv2d`` -> ``BatchNorm2d`` (-> activation)
+      runs as one conv with the BatchNorm folded into its weight and bias, then the activation in
+      place (training mode runs the children as they are).
+
+    Outputs equal the plain Sequential's up to float rounding. Forward hooks of the fused
+    children do not fire. The plan is rebuilt when a child is replaced.
+    """
+
+    def __init__(self, *args: nn.Module, fold_bn: bool = True) -> None:
+        super().__init__(*args)
+        self.fold_bn = fold_bn
+
+    def _steps(self) -> list[tuple[int, Callable]]:
+        children = list(self._modules.values())
+        key = (tuple(map(id, children)), self.fold_bn)
+        cached = self.__dict__.get("_fastdw_plan")
+        if cached is None or cached[0] != key:
+            cached = (key, plan(children, self.fold_bn))
+            self.__dict__["_fastdw_plan"] = cached  # not a child: keeps the state_dict unchanged
+        return cached[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _, step in self._steps():
+            x = step(x)
+        return x
+
+    def forward_from(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Run children ``start:`` on ``x`` (fused as in ``forward``), e.g. after running child
+        ``start - 1`` by hand to keep its output. ``start`` must not split a fused run."""
+        steps = self._steps()
+        if start not in {i for i, _ in steps} | {len(self)}:
+            raise ValueError(f"child {start} is inside a fused run; cannot start there")
+        for i, step in steps:
+            if i >= start:
+                x = step(x)
+        return x
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_fastdw_plan", None)
+        return state
+
+    def extra_repr(self) -> str:
+        return "" if self.fold_bn else "fold_bn=False"
