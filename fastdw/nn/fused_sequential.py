@@ -192,9 +192,8 @@ class FusedSequential(nn.Sequential):
         return x
 
     def __getstate__(self) -> dict:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state.pop("_fastdw_plan", None)
+        state = dict(super().__getstate__())
+        state.pop("_fastdw_plan", None)  # rebuilt on first use, over the copied children
         return state
 
     def extra_repr(self) -> str:
