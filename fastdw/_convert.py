@@ -108,6 +108,7 @@ class _Converter:
 
     def convert(self, module: nn.Module, path: str) -> nn.Module:
         new = self.replace(module, path)
+        self.fused_convs.update(id(conv) for conv in _fused_convs(new))
         if not isinstance(new, (DWConvBNAct, SqueezeExcite)):
             for name, child in list(new._modules.items()):
                 if child is not None:
@@ -191,6 +192,18 @@ class _Converter:
                                                  "BatchNorm2d in an nn.Sequential, or a known timm block)")
                 self.report.skipped.append((path, reason))
         return self.report
+
+
+def _fused_convs(m: nn.Module) -> list[nn.Module]:
+    """The depthwise convs an (already) fused module runs fused."""
+    if isinstance(m, DWConvBNAct):
+        return [m[0]]
+    if isinstance(m, FusedSequential):
+        return [step.__self__[0] for _, step in m._steps() if isinstance(getattr(step, "__self__", None), DWConvBNAct)]
+    if hasattr(m, "fastdw_fused_dw"):
+        fused = m.fastdw_fused_dw()
+        return [fused[0]] if isinstance(fused, DWConvBNAct) else []
+    return []
 
 
 def _has_conv_bn(children: list[nn.Module]) -> bool:
