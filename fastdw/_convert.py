@@ -75,6 +75,10 @@ def _plain_sequential(m: nn.Module) -> bool:
     return type(m) in (Conv2dNormActivation, ConvNormActivation) and type(m).forward is nn.Sequential.forward
 
 
+_UNRECOGNISED = ("not in a recognised pattern (a depthwise Conv2d followed by BatchNorm2d in an "
+                 "nn.Sequential, or a known timm block)")
+
+
 class _Converter:
     def __init__(self, fold_bn: bool) -> None:
         self.fold_bn = fold_bn
@@ -169,8 +173,8 @@ class _Converter:
                 match = match_dwconv_bn_act(children, i)
                 if match is None:
                     nxt = children[i + 1] if i + 1 < len(children) else None
-                    self.reasons.setdefault(
-                        id(child), fuse_dwconv_bn_act(child, nxt) if nxt is not None else "no BatchNorm2d after it")
+                    reason = fuse_dwconv_bn_act(child, nxt) if nxt is not None else "no BatchNorm2d after it"
+                    self.reasons.setdefault(id(child), reason)
                 else:
                     runs.append(i)
         if not runs and not (self.fold_bn and _has_conv_bn(children)):
@@ -188,8 +192,7 @@ class _Converter:
     def finish(self, model: nn.Module) -> ConversionReport:
         for path, m in model.named_modules(remove_duplicate=False):
             if _is_depthwise_like(m) and id(m) not in self.fused_convs:
-                reason = self.reasons.get(id(m), "not in a recognised pattern (a depthwise Conv2d followed by "
-                                                 "BatchNorm2d in an nn.Sequential, or a known timm block)")
+                reason = self.reasons.get(id(m), _UNRECOGNISED)
                 self.report.skipped.append((path, reason))
         return self.report
 
@@ -199,7 +202,8 @@ def _fused_convs(m: nn.Module) -> list[nn.Module]:
     if isinstance(m, DWConvBNAct):
         return [m[0]]
     if isinstance(m, FusedSequential):
-        return [step.__self__[0] for _, step in m._steps() if isinstance(getattr(step, "__self__", None), DWConvBNAct)]
+        owners = [getattr(step, "__self__", None) for _, step in m._steps()]
+        return [owner[0] for owner in owners if isinstance(owner, DWConvBNAct)]
     if hasattr(m, "fastdw_fused_dw"):
         fused = m.fastdw_fused_dw()
         return [fused[0]] if isinstance(fused, DWConvBNAct) else []
@@ -207,7 +211,8 @@ def _fused_convs(m: nn.Module) -> list[nn.Module]:
 
 
 def _has_conv_bn(children: list[nn.Module]) -> bool:
-    return any(type(a) is nn.Conv2d and type(b) is nn.BatchNorm2d for a, b in zip(children, children[1:]))
+    pairs = zip(children[:-1], children[1:], strict=True)
+    return any(type(a) is nn.Conv2d and type(b) is nn.BatchNorm2d for a, b in pairs)
 
 
 @overload
@@ -231,8 +236,9 @@ def convert(model: nn.Module, inplace: bool = False, *, report: bool = False,
     concat + shuffle, ``nn.ChannelShuffle``; everything else is left untouched.
 
     ``fold_bn=True`` also runs, in eval mode, every other conv -> BatchNorm2d (-> activation) of a
-    plain ``nn.Sequential`` or ``Conv2dNormActivation`` with the BN folded into the conv. ``report=True`` returns
-    ``(model, ConversionReport)``: what was swapped where, and what was skipped and why.
+    plain ``nn.Sequential`` or ``Conv2dNormActivation`` with the BN folded into the conv.
+    ``report=True`` returns ``(model, ConversionReport)``: what was swapped where, and what was
+    skipped and why.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -24,7 +24,8 @@ def calibrate(model: nn.Module, shape: tuple[int, ...], batches: int = 3, seed: 
     return model.eval()
 
 
-def rand_input(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, seed: int = 1) -> torch.Tensor:
+def rand_input(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool,
+               seed: int = 1) -> torch.Tensor:
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -38,7 +39,7 @@ def assert_same_state(a: nn.Module | dict, b: nn.Module | dict, *, exact: bool =
     assert list(sa) == list(sb), f"{what}: state_dict keys differ"
     for k in sa:
         x, y = sa[k], sb[k]
-        assert x.shape == y.shape and x.dtype == y.dtype, f"{what}: {k} {x.shape}/{x.dtype} vs {y.shape}/{y.dtype}"
+        assert (x.shape, x.dtype) == (y.shape, y.dtype), f"{what}: {k}: {x.shape, x.dtype, y.shape, y.dtype}"
         if exact or not x.dtype.is_floating_point:
             assert torch.equal(x, y), f"{what}: {k} differs"
         else:
@@ -78,7 +79,8 @@ def assert_same_training_step(model: nn.Module, reference: nn.Module, x: torch.T
     model, reference = copy.deepcopy(model).train(), copy.deepcopy(reference).train()
     xs = [x.detach().clone(memory_format=torch.preserve_format).requires_grad_() for _ in range(2)]
     losses = []
-    for m, xi, context in zip((model, reference), xs, (contextlib.nullcontext, reference_context), strict=True):
+    contexts = (contextlib.nullcontext, reference_context)
+    for m, xi, context in zip((model, reference), xs, contexts, strict=True):
         torch.manual_seed(1234)  # dropout / stochastic depth draw the same masks
         with context():
             loss = loss_of(m(xi))

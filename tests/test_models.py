@@ -80,7 +80,8 @@ def test_twin_state_dict_matches_torchvision(name):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_large", "shufflenet_v2_x0_5", "squeezenet1_1"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_large", "shufflenet_v2_x0_5",
+                                  "squeezenet1_1"])
 def test_twin_equals_torchvision_float64(name, channels_last):
     """Eval outputs (with and without autograd) and a whole training step agree with torchvision."""
     ours, theirs = twin_pair(name)

@@ -21,7 +21,8 @@ class DepthwiseSeparable(nn.Sequential):
     """Depthwise 3x3 + BN + ReLU (fused, child ``0``), then pointwise 1x1 + BN + ReLU (child ``1``)."""
 
     def __init__(self, inp: int, oup: int, stride: int) -> None:
-        super().__init__(dw_bn_act(inp, 3, stride, activation="relu"), conv_bn_act(inp, oup, 1, activation="relu"))
+        super().__init__(dw_bn_act(inp, 3, stride, activation="relu"),
+                         conv_bn_act(inp, oup, 1, activation="relu"))
 
 
 class MobileNetV1(nn.Module):

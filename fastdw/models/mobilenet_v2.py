@@ -74,20 +74,23 @@ class MobileNetV2(nn.Module):
                  use_batch_norm: bool = True, onnx_compatible: bool = False, dropout: float = 0.2,
                  inverted_residual_setting: list[list[float]] | None = None) -> None:
         super().__init__()
-        setting = INVERTED_RESIDUAL_SETTING if inverted_residual_setting is None else inverted_residual_setting
-        if len(setting) == 0 or any(len(row) != 4 for row in setting):
-            raise ValueError(f"inverted_residual_setting must be a non-empty list of [t, c, n, s], got {setting}")
+        setting = inverted_residual_setting
+        if setting is None:
+            setting = INVERTED_RESIDUAL_SETTING
+        if not setting or any(len(row) != 4 for row in setting):
+            raise ValueError(f"inverted_residual_setting must be a list of [t, c, n, s], got {setting}")
         activation = "relu" if onnx_compatible else "relu6"
         input_channel = make_divisible(32 * width_mult, round_nearest)
         self.last_channel = make_divisible(1280 * max(1.0, width_mult), round_nearest)
-        features: list[nn.Module] = [conv_bn_act(3, input_channel, 3, 2, activation=activation, bn=use_batch_norm)]
+        bn = use_batch_norm
+        features: list[nn.Module] = [conv_bn_act(3, input_channel, 3, 2, activation=activation, bn=bn)]
         for t, c, n, s in setting:
             output_channel = make_divisible(c * width_mult, round_nearest)
             for i in range(n):
                 features.append(InvertedResidual(input_channel, output_channel, s if i == 0 else 1, t,
                                                  use_batch_norm=use_batch_norm, activation=activation))
                 input_channel = output_channel
-        features.append(conv_bn_act(input_channel, self.last_channel, 1, activation=activation, bn=use_batch_norm))
+        features.append(conv_bn_act(input_channel, self.last_channel, 1, activation=activation, bn=bn))
         self.features = nn.Sequential(*features)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(self.last_channel, num_classes))
         init_weights(self)

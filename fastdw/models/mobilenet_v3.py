@@ -33,8 +33,8 @@ class BlockConfig(NamedTuple):
         def ch(c: int) -> int:
             return make_divisible(c * width_mult, 8)
 
-        return self._replace(input_channels=ch(self.input_channels), expanded_channels=ch(self.expanded_channels),
-                             out_channels=ch(self.out_channels))
+        return self._replace(input_channels=ch(self.input_channels),
+                             expanded_channels=ch(self.expanded_channels), out_channels=ch(self.out_channels))
 
 
 class InvertedResidual(nn.Module):
@@ -46,14 +46,15 @@ class InvertedResidual(nn.Module):
             raise ValueError("illegal stride value")
         self.use_res_connect = cnf.stride == 1 and cnf.input_channels == cnf.out_channels
         layers: list[nn.Module] = []
-        if cnf.expanded_channels != cnf.input_channels:
-            layers.append(conv_bn_act(cnf.input_channels, cnf.expanded_channels, 1, activation=cnf.activation, **BN))
+        inp, mid, act = cnf.input_channels, cnf.expanded_channels, cnf.activation
+        if mid != inp:
+            layers.append(conv_bn_act(inp, mid, 1, activation=act, **BN))
         stride = 1 if cnf.dilation > 1 else cnf.stride
         layers.append(dw_bn_act(cnf.expanded_channels, cnf.kernel, stride, dilation=cnf.dilation,
                                 activation=cnf.activation, **BN))
         if cnf.use_se:
             squeeze = make_divisible(cnf.expanded_channels // 4, 8)
-            layers.append(SqueezeExcite(cnf.expanded_channels, squeeze, activation="relu", gate="hardsigmoid"))
+            layers.append(SqueezeExcite(mid, squeeze, activation="relu", gate="hardsigmoid"))
         layers.append(conv_bn_act(cnf.expanded_channels, cnf.out_channels, 1, activation="none", **BN))
         self.block = nn.Sequential(*layers)
         self.out_channels = cnf.out_channels
@@ -67,14 +68,16 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV3(nn.Module):
-    """MobileNetV3: ``features`` (stem, blocks, 1x1 conv), ``avgpool`` and ``classifier``, as torchvision's."""
+    """MobileNetV3: ``features`` (stem, blocks, 1x1 conv), ``avgpool`` and ``classifier``, as in
+    torchvision."""
 
     def __init__(self, setting: list[BlockConfig], last_channel: int, num_classes: int = 1000,
                  dropout: float = 0.2) -> None:
         super().__init__()
         if not setting:
             raise ValueError("The inverted residual setting should not be empty")
-        layers: list[nn.Module] = [conv_bn_act(3, setting[0].input_channels, 3, 2, activation="hardswish", **BN)]
+        stem = conv_bn_act(3, setting[0].input_channels, 3, 2, activation="hardswish", **BN)
+        layers: list[nn.Module] = [stem]
         layers += [InvertedResidual(cnf) for cnf in setting]
         last_in = setting[-1].out_channels
         layers.append(conv_bn_act(last_in, 6 * last_in, 1, activation="hardswish", **BN))

@@ -66,7 +66,8 @@ class InvertedResidual(nn.Module):
 class ShuffleNetV2(nn.Module):
     """ShuffleNetV2: ``conv1``, ``maxpool``, ``stage2``-``stage4``, ``conv5``, global pool, ``fc``."""
 
-    def __init__(self, stages_repeats: list[int], stages_out_channels: list[int], num_classes: int = 1000) -> None:
+    def __init__(self, stages_repeats: list[int], stages_out_channels: list[int],
+                 num_classes: int = 1000) -> None:
         super().__init__()
         if len(stages_repeats) != 3:
             raise ValueError("expected stages_repeats as list of 3 positive ints")
@@ -74,17 +75,20 @@ class ShuffleNetV2(nn.Module):
             raise ValueError("expected stages_out_channels as list of 5 positive ints")
         self._stage_out_channels = stages_out_channels
         c = stages_out_channels[0]
-        self.conv1 = FusedSequential(nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+        self.conv1 = FusedSequential(nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c),
+                                     nn.ReLU(inplace=True))
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.stage2: nn.Sequential
         self.stage3: nn.Sequential
         self.stage4: nn.Sequential
         for i, (repeats, out) in enumerate(zip(stages_repeats, stages_out_channels[1:4], strict=True)):
-            units = [InvertedResidual(c, out, 2)] + [InvertedResidual(out, out, 1) for _ in range(repeats - 1)]
+            units = [InvertedResidual(c, out, 2)]
+            units += [InvertedResidual(out, out, 1) for _ in range(repeats - 1)]
             setattr(self, f"stage{i + 2}", nn.Sequential(*units))
             c = out
         last = stages_out_channels[-1]
-        self.conv5 = FusedSequential(nn.Conv2d(c, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU(inplace=True))
+        self.conv5 = FusedSequential(nn.Conv2d(c, last, 1, bias=False), nn.BatchNorm2d(last),
+                                     nn.ReLU(inplace=True))
         self.fc = nn.Linear(last, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

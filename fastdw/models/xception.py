@@ -53,7 +53,8 @@ class XceptionBlock(nn.Module):
         for i, out in enumerate(outs):
             if start_with_relu:
                 layers.append(nn.ReLU(inplace=i > 0))  # the first one keeps the input for the shortcut
-            layers += separable(c, out, stride if i == 2 else 1, dilation, "none" if start_with_relu else "relu")
+            activation = "none" if start_with_relu else "relu"
+            layers += separable(c, out, stride if i == 2 else 1, dilation, activation)
             c = out
         self.stack = FusedSequential(*layers)
         self.in_channels, self.out_channels = inp, c
@@ -94,7 +95,8 @@ class Xception(nn.Module):
                 else:
                     stride *= s
             last = i == len(ENTRY) + len(MIDDLE) + len(EXIT)
-            blocks.append(XceptionBlock(inp, outs, s, block_dilation, start_with_relu=not last, skip=not last))
+            blocks.append(XceptionBlock(inp, outs, s, block_dilation, start_with_relu=not last,
+                                        skip=not last))
         self.blocks = nn.Sequential(*blocks)
         self.num_features = FINAL[1][-1]
         if not features_only:

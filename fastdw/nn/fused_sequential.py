@@ -138,7 +138,8 @@ def plan(children: Sequence[nn.Module], fold_bn: bool = True) -> list[tuple[int,
         if fold_bn and i + 1 < len(children) and _foldable(children[i], children[i + 1]):
             act = children[i + 2] if i + 2 < len(children) else None
             name = _act_name(act) if act is not None else None
-            steps.append((i, _FoldedConvBN(children[i], children[i + 1], act if name else None, name or "none")))
+            folded = _FoldedConvBN(children[i], children[i + 1], act if name else None, name or "none")
+            steps.append((i, folded))
             i += 3 if name else 2
             continue
         steps.append((i, children[i]))
