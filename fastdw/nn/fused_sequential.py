@@ -90,8 +90,12 @@ def _onednn_usable() -> bool:
     return _onednn_ok
 
 
-def _strictly_channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+def _channels_last_view(x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` as a dense channels_last tensor if it is laid out channels-innermost (channels_last, or
+    a channel slice of it, as ShuffleNetV2's split halves); None for NCHW and ambiguous layouts."""
+    if x.dim() != 4 or x.stride(1) != 1 or x.shape[1] == 1 or x.shape[2] * x.shape[3] == 1:
+        return None
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 class _FoldedConvBN:
@@ -128,8 +132,7 @@ class _FoldedConvBN:
         return w, b.to(conv.weight.dtype)
 
     def _cached_fold(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        conv, bn = self.conv, self.bn
-        w, cb, g, beta, mean, var = conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var
+        w, cb, g, beta, mean, var = self._tensors()
         try:  # identities and version counters of everything the fold reads
             key = (id(w), w._version, id(mean), mean._version, id(var), var._version,
                    None if cb is None else (id(cb), cb._version), None if g is None else (id(g), g._version),
@@ -142,8 +145,10 @@ class _FoldedConvBN:
 
     def _onednn(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
         """conv + bias + activation in one oneDNN op, or None where it does not apply."""
-        if not (x.dtype == torch.float32 and x.device.type == "cpu" and _strictly_channels_last(x)
-                and _onednn_usable()):
+        if not (x.dtype == torch.float32 and x.device.type == "cpu" and _onednn_usable()):
+            return None
+        x = _channels_last_view(x)
+        if x is None:
             return None
         conv = self.conv
         if self._packed is None:
