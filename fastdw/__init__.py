@@ -1,10 +1,9 @@
 """fastdw: fused depthwise conv + BatchNorm + activation (and friends) for lightweight CNNs."""
 
-from fastdw import (
-    nn,  # noqa: E402
-    ops,  # noqa: E402  (registers fake kernels and autograd)
-)
+from fastdw import models, nn, ops  # ops registers the fake kernels and autograd
 from fastdw._backend import backends, get_backend, set_backend, use_backend
+from fastdw._convert import ConversionReport, convert
 
-__all__ = ["backends", "get_backend", "set_backend", "use_backend", "ops", "nn"]
+__all__ = ["ConversionReport", "backends", "convert", "get_backend", "models", "nn", "ops", "set_backend",
+           "use_backend"]
 __version__ = "0.1.0"

@@ -2,6 +2,7 @@
 
 from fastdw.nn.channel_shuffle import ChannelShuffle
 from fastdw.nn.dwconv_bn_act import DWConvBNAct
+from fastdw.nn.fused_sequential import FusedSequential
 from fastdw.nn.squeeze_excite import SqueezeExcite
 
-__all__ = ["ChannelShuffle", "DWConvBNAct", "SqueezeExcite"]
+__all__ = ["ChannelShuffle", "DWConvBNAct", "FusedSequential", "SqueezeExcite"]
