@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastdw
-from bench import timing
+from fastdw.bench import timing
 
 # (N, C, H, W, stride): the anchors of ../shared/ANCHORS.md plus the rest of MobileNetV2's dw layers.
 SHAPES = [

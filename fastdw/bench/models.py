@@ -1,0 +1,258 @@
+"""Whole models: fastdw (bundled twins and ``fastdw.convert``ed torchvision) against every anchor.
+
+Inference, per model and batch size, float32, eval mode under ``torch.no_grad``: torchvision eager
+(NCHW and channels_last), eager with BatchNorm folded (channels_last), ``torch.compile`` (inductor,
+freezing), ONNX Runtime and OpenVINO (CPU, same thread count, float32), fastdw's bundled model
+(NCHW and channels_last) and ``fastdw.convert(model, fold_bn=True)`` (channels_last). Training: one
+step (forward, cross-entropy, backward, SGD step) at one batch size, eager against fastdw, with
+the bytes autograd saves for backward.
+
+Every engine starts from the same weights; BatchNorm statistics are calibrated on random data (no
+pretrained weights offline). Before timing, each engine's output is compared with eager NCHW: a
+fastdw mismatch raises ``Mismatch`` (the run fails), another engine's is reported as "mismatch".
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastdw
+from fastdw.bench import engines, timing
+from fastdw.bench.engines import Settings, Skipped
+from fastdw.bench.report import FASTDW_ENGINES, Row
+
+DEFAULT = ["mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "shufflenet_v2_x1_0"]
+QUICK = ["mobilenet_v2", "shufflenet_v2_x1_0"]
+INFERENCE = ["eager", "eager_cl", "folded_cl", "compile", "onnxruntime", "openvino", "fastdw", "fastdw_cl",
+             "convert_cl"]
+TRAINING = ["eager", "eager_cl", "fastdw", "fastdw_cl", "convert_cl"]
+TOLERANCE = {"fastdw": 1e-4, "other": 1e-3}  # max |difference| / max |eager output|
+TRAIN_TOLERANCE = 1e-3  # outputs and every parameter gradient, batch statistics
+
+
+class Mismatch(AssertionError):
+    """A fastdw result differs from eager PyTorch: the benchmark must not report its time."""
+
+
+def available() -> list[str]:
+    """torchvision classification models this suite knows how to build."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def calibrate(model: nn.Module, resolution: int, batches: int = 4, batch_size: int = 4) -> nn.Module:
+    """Realistic BatchNorm statistics from random data: reset them and average the batch statistics
+    of a few training-mode forwards (cumulative average, whatever the model's momentum). Without
+    this a random model's activations drift into denormals and every engine measures that instead."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(batch_size, 3, resolution, resolution))
+    for bn, m in zip(bns, momenta, strict=True):
+        bn.momentum = m
+    return model.eval()
+
+
+def torchvision_model(name: str, resolution: int, seed: int = 0) -> nn.Module:
+    """torchvision's ``name`` with random weights (seeded) and calibrated statistics, in eval mode."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    return calibrate(torchvision.models.get_model(name, weights=None), resolution)
+
+
+def bundled(name: str, eager_model: nn.Module) -> nn.Module:
+    """fastdw's bundled twin of a torchvision model, holding its weights (eval mode)."""
+    factory = getattr(fastdw.models, name, None)
+    if factory is None:
+        raise Skipped(f"fastdw.models has no {name}")
+    ours = factory()
+    ours.load_state_dict(eager_model.state_dict())
+    return ours.eval()
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref|, the figure compared against the tolerances."""
+    got, ref = engines.to_tensor(got), engines.to_tensor(ref)
+    if got.shape != ref.shape:
+        return float("inf")
+    return float((got - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
+
+
+def check(engine: str, what: str, got: object, ref: torch.Tensor, tol: float) -> str | None:
+    """None if close; otherwise raises ``Mismatch`` for fastdw, returns the status for others."""
+    err = relative_error(engines.to_tensor(got), ref)
+    if err <= tol:
+        return None
+    message = f"{engine} on {what}: max relative error {err:.2e} > {tol:.0e}"
+    if engine in FASTDW_ENGINES:
+        raise Mismatch(message)
+    return f"mismatch: error {err:.1e}"
+
+
+def _inference_builders(name: str, ref_model: nn.Module, settings: Settings,
+                        onnx_cache: engines.OnnxCache) -> dict[str, Callable]:
+    def onnx_path(x):
+        return lambda: onnx_cache.get(name, ref_model, x, settings)
+
+    def fastdw_nchw(model, x, s):
+        ours = bundled(name, model)
+        return lambda: ours(x)
+
+    def fastdw_cl(model, x, s):
+        ours, xc = engines.channels_last(bundled(name, model), x)
+        return lambda: ours(xc)
+
+    def convert_cl(model, x, s):
+        ours, xc = engines.channels_last(fastdw.convert(model, fold_bn=True), x)
+        return lambda: ours(xc)
+
+    return {
+        "eager": engines.eager,
+        "eager_cl": engines.eager_cl,
+        "folded_cl": engines.folded_cl,
+        "compile": engines.compiled,
+        "onnxruntime": lambda m, x, s: engines.onnxruntime(m, x, s, onnx_path(x)),
+        "openvino": lambda m, x, s: engines.openvino(m, x, s, onnx_path(x)),
+        "fastdw": fastdw_nchw,
+        "fastdw_cl": fastdw_cl,
+        "convert_cl": convert_cl,
+    }
+
+
+def bench_inference(name: str, batch: int, settings: Settings, reps: int, resolution: int = 224,
+                    onnx_cache: engines.OnnxCache | None = None,
+                    only: list[str] | None = None) -> Row:
+    """One row: every inference engine on ``name`` at ``batch``, checked, then timed interleaved."""
+    onnx_cache = onnx_cache or engines.OnnxCache()
+    model = torchvision_model(name, resolution)
+    x = torch.randn(batch, 3, resolution, resolution)
+    row = Row("models_eval", {"model": name, "batch": batch})
+    fns: dict[str, Callable] = {}
+    with torch.no_grad():
+        ref = model(x)
+        for engine, build in _inference_builders(name, model, settings, onnx_cache).items():
+            if only is not None and engine not in only:
+                continue
+            try:
+                fn = build(model, x, settings)
+                out = fn()
+            except Skipped as e:
+                row.status[engine] = f"skipped: {e}"
+                continue
+            except Exception as e:
+                if engine in FASTDW_ENGINES:
+                    raise
+                row.status[engine] = f"error: {engines._short(e)}"
+                continue
+            tol = TOLERANCE["fastdw" if engine in FASTDW_ENGINES else "other"]
+            status = check(engine, f"{name} batch {batch}", out, ref, tol)
+            if status is None:
+                fns[engine] = fn
+            else:
+                row.status[engine] = status
+        row.ms = timing.interleaved(fns, reps=reps, warmup=3)
+    return row
+
+
+def saved_bytes(step: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the tensors autograd saves for backward while ``step`` builds its graph (the sum
+    over every tensor packed by ``saved_tensors_hooks``, parameters included)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return total
+
+
+def _training_models(name: str, model: nn.Module) -> dict[str, Callable[[], nn.Module]]:
+    def cl(m: nn.Module) -> nn.Module:
+        return m.to(memory_format=torch.channels_last)
+
+    return {
+        "eager": lambda: copy.deepcopy(model),
+        "eager_cl": lambda: cl(copy.deepcopy(model)),
+        "fastdw": lambda: bundled(name, model),
+        "fastdw_cl": lambda: cl(bundled(name, model)),
+        "convert_cl": lambda: cl(fastdw.convert(model, fold_bn=True)),
+    }
+
+
+def bench_training(name: str, batch: int, settings: Settings, reps: int, resolution: int = 224,
+                   only: list[str] | None = None) -> Row:
+    """One row: a training step per engine (same weights, same batch), checked, then timed."""
+    model = torchvision_model(name, resolution)
+    x = torch.randn(batch, 3, resolution, resolution)
+    row = Row("models_train", {"model": name, "batch": batch})
+    ours: dict[str, nn.Module] = {}
+    for engine, make in _training_models(name, model).items():
+        if only is not None and engine not in only:
+            continue
+        try:
+            ours[engine] = make().train()
+        except Skipped as e:
+            row.status[engine] = f"skipped: {e}"
+    with torch.no_grad():
+        n_classes = model(x[:1]).shape[1]
+    target = torch.randint(0, n_classes, (batch,))
+
+    def inputs(engine: str) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if engine.endswith("_cl") else x
+
+    # correctness: output and every parameter gradient of one step from the same state
+    grads: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+    for engine, m in ours.items():
+        probe = copy.deepcopy(m)
+        torch.manual_seed(1)  # the same dropout masks for every engine
+        out = probe(inputs(engine))
+        F.cross_entropy(out, target).backward()
+        grads[engine] = (out.detach(), {k: p.grad for k, p in probe.named_parameters() if p.grad is not None})
+    ref_out, ref_grads = grads["eager"]
+    for engine, (out, g) in grads.items():
+        what = f"{name} training batch {batch}"
+        status = check(engine, what + " output", out, ref_out, TRAIN_TOLERANCE)
+        for k, gref in ref_grads.items():
+            got = g.get(k, torch.zeros(0))
+            status = status or check(engine, f"{what} grad {k}", got, gref, TRAIN_TOLERANCE)
+        if status is not None:
+            row.status[engine] = status
+            del ours[engine]
+
+    fns, saved = {}, {}
+    for engine, m in ours.items():
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+        xe = inputs(engine)
+
+        def forward(m=m, xe=xe) -> torch.Tensor:
+            return F.cross_entropy(m(xe), target)
+
+        def step(m=m, opt=opt, forward=forward) -> None:
+            opt.zero_grad(set_to_none=True)
+            forward().backward()
+            opt.step()
+
+        saved[engine] = saved_bytes(forward)
+        fns[engine] = step
+    row.ms = timing.interleaved(fns, reps=reps, warmup=2)
+    row.extra["saved_mib"] = {e: b / 2**20 for e, b in saved.items()}
+    base = saved.get("eager")
+    best = min((saved[e] for e in saved if e in FASTDW_ENGINES), default=None)
+    if base and best:
+        row.extra["saved for backward: eager / fastdw (MiB)"] = f"{base / 2**20:.0f} / {best / 2**20:.0f}"
+    return row
