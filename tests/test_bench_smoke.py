@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from fastdw.bench import engines
+from fastdw.bench import engines, models
 from fastdw.bench.__main__ import main
 
 
@@ -24,7 +24,7 @@ def test_cli_tiny_run(tmp_path, capsys, _keep_threads) -> None:
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
     rc = main(["--ops", "dwconv", "--models", "mobilenet_v2", "--batch", "1", "--train-batch", "2",
-               "--no-compile", "--no-onnx", "--reps", "2", "--resolution", "64", "--quick",
+               "--threads", "1", "--no-compile", "--no-onnx", "--reps", "2", "--resolution", "32", "--quick",
                "--out", str(tmp_path)])
     assert rc == 0
     for ext in ("md", "json", "png"):
@@ -38,6 +38,23 @@ def test_cli_tiny_run(tmp_path, capsys, _keep_threads) -> None:
     assert data["machine"]["torch"] == torch.__version__
     out = capsys.readouterr().out
     assert "| mobilenet_v2 | 1 |" in out and "skipped" in out
+
+
+def test_fastdw_mismatch_fails_the_run(tmp_path, monkeypatch, capsys, _keep_threads) -> None:
+    real = models.bundled
+
+    def wrong(name, eager_model):
+        ours = real(name, eager_model)
+        with torch.no_grad():
+            ours.classifier[1].bias.add_(1.0)
+        return ours
+
+    monkeypatch.setattr(models, "bundled", wrong)
+    rc = main(["--ops", "none", "--models", "mobilenet_v2", "--batch", "1", "--threads", "1", "--no-train",
+               "--no-compile", "--no-onnx", "--reps", "1", "--resolution", "32", "--out", str(tmp_path)])
+    assert rc == 1
+    assert "FAILED" in capsys.readouterr().err
+    assert not (tmp_path / "bench.md").exists()
 
 
 def test_fold_bn_matches_eager() -> None:

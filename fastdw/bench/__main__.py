@@ -86,6 +86,32 @@ def _tasks(args: argparse.Namespace, settings: engines.Settings) -> list[tuple[s
     return tasks
 
 
+class _PlainProgress:
+    """What the run uses when tqdm is not installed: one line per measurement."""
+
+    def __init__(self, tasks: list) -> None:
+        self.tasks = tasks
+
+    def __iter__(self):
+        for i, task in enumerate(self.tasks):
+            print(f"[{i + 1}/{len(self.tasks)}] {task[0]}", file=sys.stderr, flush=True)
+            yield task
+
+    def set_description(self, desc: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(tasks: list):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _PlainProgress(tasks)
+    return tqdm(tasks, unit="run", dynamic_ncols=True, file=sys.stderr)
+
+
 def update_readme(path: str, text: str) -> None:
     """Replace what lies between the result markers of ``path`` with ``text``."""
     with open(path) as f:
@@ -113,11 +139,9 @@ def main(argv: list[str] | None = None) -> int:
               f"torch {machine['torch']}, {machine['cpu']}, {machine['cpu_count']} cores.")
     print(f"fastdw.bench: {len(tasks)} measurements. {header}\n", flush=True)
 
-    from tqdm import tqdm
-
     rows: list[report.Row] = []
     start = time.perf_counter()
-    bar = tqdm(tasks, unit="run", dynamic_ncols=True, file=sys.stderr)
+    bar = _progress(tasks)
     for desc, task in bar:
         bar.set_description(desc[:60])
         try:

