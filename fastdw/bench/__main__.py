@@ -35,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="comma-separated torchvision model names, or 'none' "
                                     f"(default: {','.join(models.DEFAULT)})")
     p.add_argument("--ops", help=f"comma-separated ops among {','.join(ops.OPS)}, or 'none' (default: all)")
-    p.add_argument("--batch", help="comma-separated batch sizes for inference (default: 1,8; --quick: 1)")
+    p.add_argument("--batch", help="comma-separated batch sizes of model inference and of the ops "
+                                   "(default: models 1,8, ops 1; --quick: 1)")
     p.add_argument("--train-batch", type=int, default=8, help="batch size of the model training step (8)")
     p.add_argument("--threads", type=int, default=2, help="threads for every engine (2)")
     p.add_argument("--reps", type=int, help="timed repetitions per engine (default: 20 models, 30 ops; "
@@ -53,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
 def _tasks(args: argparse.Namespace, settings: engines.Settings) -> list[tuple[str, Callable]]:
     quick = args.quick
     batches = [int(b) for b in _csv(args.batch)] if args.batch else ([1] if quick else [1, 8])
+    op_batches = [int(b) for b in _csv(args.batch)] if args.batch else [1]
     default_models = models.QUICK if quick else models.DEFAULT
     model_names = _csv(args.models) if args.models is not None else default_models
     op_names = _csv(args.ops) if args.ops is not None else list(ops.OPS)
@@ -69,7 +71,7 @@ def _tasks(args: argparse.Namespace, settings: engines.Settings) -> list[tuple[s
 
     tasks: list[tuple[str, Callable]] = []
     for case in cases:
-        for n in batches:
+        for n in op_batches:
             tasks.append((f"op {case.op} {case.key(n)['layer']} N={n} eval",
                           lambda case=case, n=n: ops.bench_inference(case, n, settings, op_reps)))
             if not args.no_train:
@@ -144,12 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     bar = _progress(tasks)
     for desc, task in bar:
         bar.set_description(desc[:60])
+        t0 = time.perf_counter()
         try:
-            rows.append(task())
+            row = task()
         except models.Mismatch as e:
             bar.close()
             print(f"\nFAILED: fastdw's result differs from eager PyTorch: {e}", file=sys.stderr)
             return 1
+        row.extra["elapsed_s"] = round(time.perf_counter() - t0, 1)  # setup, checks and timing
+        rows.append(row)
     bar.close()
     elapsed = time.perf_counter() - start
 

@@ -91,9 +91,14 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
 
 
-def check(engine: str, what: str, got: object, ref: torch.Tensor, tol: float) -> str | None:
-    """None if close; otherwise raises ``Mismatch`` for fastdw, returns the status for others."""
+def check(engine: str, what: str, got: object, ref: torch.Tensor, tol: float, row: Row | None = None,
+          ) -> str | None:
+    """None if close; otherwise raises ``Mismatch`` for fastdw, returns the status for others.
+    The error is kept in ``row.extra["max_relative_error"]`` (the largest of an engine's checks)."""
     err = relative_error(engines.to_tensor(got), ref)
+    if row is not None:
+        errors = row.extra.setdefault("max_relative_error", {})
+        errors[engine] = max(errors.get(engine, 0.0), err)
     if err <= tol:
         return None
     message = f"{engine} on {what}: max relative error {err:.2e} > {tol:.0e}"
@@ -162,12 +167,14 @@ def bench_inference(name: str, batch: int, settings: Settings, reps: int, resolu
                 row.status[engine] = f"error: {engines._short(e)}"
                 continue
             tol = TOLERANCE["fastdw" if engine in FASTDW_ENGINES else "other"]
-            status = check(engine, f"{name} batch {batch}", out, ref, tol)
+            status = check(engine, f"{name} batch {batch}", out, ref, tol, row)
             if status is None:
                 fns[engine] = fn
             else:
                 row.status[engine] = status
         row.ms = timing.interleaved(fns, reps=reps, warmup=3)
+    if name in onnx_cache.exporter:
+        row.extra["onnx_exporter"] = onnx_cache.exporter[name]
     return row
 
 
@@ -243,8 +250,8 @@ def bench_training(name: str, batch: int, settings: Settings, reps: int, resolut
     row.extra["tolerance"] = {"output": out_tol, "gradients": grad_tol}
     for engine, (out, grads) in results.items():
         what = f"{name} training batch {batch}"
-        status = (check(engine, what + " output", out, ref_out, out_tol)
-                  or check(engine, what + " parameter gradients", grads, ref_grads, grad_tol))
+        status = (check(engine, what + " output", out, ref_out, out_tol, row)
+                  or check(engine, what + " parameter gradients", grads, ref_grads, grad_tol, row))
         if status is not None:
             row.status[engine] = status
             del ours[engine]
@@ -265,5 +272,5 @@ def bench_training(name: str, batch: int, settings: Settings, reps: int, resolut
     base = saved.get("eager") if "eager" in ours else None
     best = min((saved[e] for e in ours if e in FASTDW_ENGINES), default=None)
     if base and best:
-        row.extra["saved for backward: eager / fastdw (MiB)"] = f"{base / 2**20:.0f} / {best / 2**20:.0f}"
+        row.columns["saved for backward: eager / fastdw (MiB)"] = f"{base / 2**20:.0f} / {best / 2**20:.0f}"
     return row

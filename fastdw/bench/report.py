@@ -47,7 +47,8 @@ class Row:
     key: dict[str, object]
     ms: dict[str, float] = field(default_factory=dict)
     status: dict[str, str] = field(default_factory=dict)
-    extra: dict[str, object] = field(default_factory=dict)
+    columns: dict[str, str] = field(default_factory=dict)  # more table columns after the times
+    extra: dict[str, object] = field(default_factory=dict)  # JSON only
 
     def engines(self) -> list[str]:
         return list(dict.fromkeys([*self.ms, *self.status]))
@@ -86,13 +87,13 @@ def _key_text(key: dict[str, object]) -> list[str]:
 def section_table(rows: list[Row]) -> str:
     """A Markdown table of rows of one section; engine columns that no row has are left out."""
     engines = [e for e in LABELS if any(e in r.ms or r.status.get(e, "n/a") != "n/a" for r in rows)]
-    extra_cols = sorted({k for r in rows for k, v in r.extra.items() if isinstance(v, str)})
+    extra_cols = list(dict.fromkeys(k for r in rows for k in r.columns))
     header = list(rows[0].key) + [LABELS[e] for e in engines] + ["fastdw vs best other"] + extra_cols
     body = []
     for r in rows:
         bb = r.best_vs_best()
         body.append(_key_text(r.key) + [cell(r, e) for e in engines] + ["—" if bb is None else f"{bb:.2f}x"]
-                    + [str(r.extra.get(k, "")) for k in extra_cols])
+                    + [r.columns.get(k, "") for k in extra_cols])
     return markdown_table(header, body)
 
 
