@@ -140,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
               f"CL = channels_last. fastdw CPU kernels: {machine['fastdw_cpu_kernels']}; "
               f"torch {machine['torch']}, {machine['cpu']}, {machine['cpu_count']} cores.")
     print(f"fastdw.bench: {len(tasks)} measurements. {header}\n", flush=True)
+    if machine["denormals_flushed_in_all_threads"] != "True":
+        print("WARNING: some of PyTorch's threads do not flush denormals (its thread pool started before "
+              "fastdw.bench.timing.setup); times may be inflated. Run the benchmark in a fresh process.",
+              file=sys.stderr)
 
     rows: list[report.Row] = []
     start = time.perf_counter()

@@ -17,13 +17,23 @@ def setup(threads: int) -> None:
     """Same thread count for every engine (intra-op and inter-op) and denormals flushed to zero.
 
     Denormals matter: with randomly initialised weights some activations decay into the denormal
-    range, where x86 arithmetic is 10-100x slower (see shared/ANCHORS.md)."""
+    range, where x86 arithmetic is 10-100x slower (see shared/ANCHORS.md). The flush mode is a
+    per-thread register that threads inherit when they are created: call this before PyTorch
+    starts its thread pool (``denormals_flushed`` tells whether every pool thread flushes)."""
+    torch.set_flush_denormal(True)
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # only allowed once, before any inter-op work: already set
         pass
-    torch.set_flush_denormal(True)
+
+
+def denormals_flushed(numel: int = 1 << 22) -> bool:
+    """Whether every thread of PyTorch's pool flushes denormals: a parallel multiply of the
+    smallest denormal (written as an integer bit pattern, so no thread converts it) gives zero in
+    threads that flush and a denormal in the others (read back as integers, for the same reason)."""
+    x = torch.ones(numel, dtype=torch.int32).view(torch.float32)
+    return not bool((x * 2).view(torch.int32).ne(0).any())
 
 
 def interleaved(fns: dict[str, Callable[[], object]], reps: int = 30, warmup: int = 3,
@@ -85,6 +95,7 @@ def machine() -> dict[str, str]:
         "fastdw": fastdw.__version__,
         "fastdw_cpu_kernels": capability(),
         "torch": torch.__version__,
+        "denormals_flushed_in_all_threads": str(denormals_flushed()),
     }
     for name in ("torchvision", "onnx", "onnxruntime", "openvino", "timm", "numpy"):
         info[name] = _version(name)
