@@ -39,8 +39,8 @@ def parser() -> argparse.ArgumentParser:
                                    "(default: models 1,8, ops 1; --quick: 1)")
     p.add_argument("--train-batch", type=int, default=8, help="batch size of the model training step (8)")
     p.add_argument("--threads", type=int, default=2, help="threads for every engine (2)")
-    p.add_argument("--reps", type=int, help="timed repetitions per engine (default: 20 models, 30 ops; "
-                                            "--quick: 8 and 15)")
+    p.add_argument("--reps", type=int, help="timed repetitions per engine (default: 30 ops, 20 models, 8 "
+                                            "training steps; --quick: 15, 8, 3)")
     p.add_argument("--resolution", type=int, default=224, help="model input height and width (224)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--no-onnx", action="store_true",
@@ -66,7 +66,7 @@ def _tasks(args: argparse.Namespace, settings: engines.Settings) -> list[tuple[s
                          f"{', '.join(models.DEFAULT)}")
     op_reps = args.reps or (15 if quick else 30)
     model_reps = args.reps or (8 if quick else 20)
-    train_reps = args.reps or (4 if quick else 8)
+    train_reps = args.reps or (3 if quick else 8)
     onnx_cache = engines.OnnxCache()
 
     tasks: list[tuple[str, Callable]] = []
@@ -84,7 +84,8 @@ def _tasks(args: argparse.Namespace, settings: engines.Settings) -> list[tuple[s
         if not args.no_train:
             tasks.append((f"model {name} batch {args.train_batch} train",
                           lambda name=name: models.bench_training(name, args.train_batch, settings,
-                                                                  train_reps, args.resolution)))
+                                                                  train_reps, args.resolution,
+                                                                  warmup=1 if quick else 2)))
     return tasks
 
 

@@ -138,8 +138,7 @@ def _inference_builders(name: str, ref_model: nn.Module, settings: Settings,
 
 
 def bench_inference(name: str, batch: int, settings: Settings, reps: int, resolution: int = 224,
-                    onnx_cache: engines.OnnxCache | None = None,
-                    only: list[str] | None = None) -> Row:
+                    onnx_cache: engines.OnnxCache | None = None) -> Row:
     """One row: every inference engine on ``name`` at ``batch``, checked, then timed interleaved."""
     onnx_cache = onnx_cache or engines.OnnxCache()
     model = torchvision_model(name, resolution)
@@ -151,8 +150,6 @@ def bench_inference(name: str, batch: int, settings: Settings, reps: int, resolu
     with torch.no_grad():
         ref = model(x)
         for engine, build in _inference_builders(name, model, settings, onnx_cache).items():
-            if only is not None and engine not in only:
-                continue
             t0 = time.perf_counter()
             try:
                 fn = build(model, x, settings)
@@ -207,15 +204,13 @@ def _training_models(name: str, model: nn.Module) -> dict[str, Callable[[], nn.M
 
 
 def bench_training(name: str, batch: int, settings: Settings, reps: int, resolution: int = 224,
-                   only: list[str] | None = None, warmup: int = 2) -> Row:
+                   warmup: int = 2) -> Row:
     """One row: a training step per engine (same weights, same batch), checked, then timed."""
     model = torchvision_model(name, resolution)
     x = torch.randn(batch, 3, resolution, resolution)
     row = Row("models_train", {"model": name, "batch": batch})
     ours: dict[str, nn.Module] = {}
     for engine, make in _training_models(name, model).items():
-        if only is not None and engine not in only:
-            continue
         try:
             ours[engine] = make().train()
         except Skipped as e:

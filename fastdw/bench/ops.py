@@ -22,7 +22,7 @@ from torch import nn
 import fastdw
 from fastdw.bench import engines, timing
 from fastdw.bench.engines import Settings, Skipped
-from fastdw.bench.models import TOLERANCE, TRAIN_TOLERANCE, check
+from fastdw.bench.models import TOLERANCE, TRAIN_TOLERANCE, Mismatch, check
 from fastdw.bench.report import FASTDW_ENGINES, Row
 
 OPS = ("dwconv", "se", "shuffle")
@@ -204,7 +204,7 @@ def bench_inference(case: OpCase, n: int, settings: Settings, reps: int) -> Row:
                 continue
             if engine.startswith("fastdw") and out.is_contiguous(memory_format=torch.channels_last) != (
                     engine.endswith("_cl")) and out.dim() == 4 and out.shape[1] > 1:
-                raise AssertionError(f"{engine} on {case}: output memory format differs from the input's")
+                raise Mismatch(f"{engine} on {case}: output memory format differs from the input's")
             tol = TOLERANCE["fastdw" if engine in FASTDW_ENGINES else "other"]
             status = check(engine, " ".join(map(str, case.key(n).values())), out, ref, tol, row)
             if status is None:
