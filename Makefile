@@ -31,7 +31,7 @@ test: $(BUILD)
 	$(VPY) -m pytest tests -q -ra
 
 bench: $(BUILD)
-	$(VPY) -m bench.dwconv_bn_act
+	$(VPY) -m fastdw.bench
 
 bench-shuffle: $(BUILD)
 	$(VPY) -m bench.shuffle

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastdw
-from bench import timing
+from fastdw.bench import timing
 
 # (N, C, H, W, stride): the anchors of ../shared/ANCHORS.md plus the rest of MobileNetV2's dw layers.
 SHAPES = [
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     timing.setup(args.threads)
     shapes = QUICK if args.quick else SHAPES
-    cap = _capability()
+    cap = timing.capability()
     print(f"fastdw dwconv_bn_act benchmark: {args.threads} threads, float32, CPU kernels: {cap}\n")
 
     rows, results = [], {"machine": timing.machine(), "capability": cap, "eval": [], "train": []}
@@ -187,14 +187,6 @@ def main(argv: list[str] | None = None) -> None:
         f.write("Eval forward (ms)\n\n" + eval_md + "\n\nTraining step (ms)\n\n" + train_md + "\n")
     with open(os.path.join(args.out, "dwconv_bn_act.json"), "w") as f:
         json.dump(results, f, indent=1)
-
-
-def _capability() -> str:
-    if not fastdw._backend.extension_loaded():
-        return "reference (extension not built)"
-    from fastdw import _C
-
-    return _C.cpu_capability()
 
 
 if __name__ == "__main__":

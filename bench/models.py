@@ -20,10 +20,10 @@ import os
 from collections import defaultdict
 
 import torch
-import torchvision
 
-from bench import timing
 from fastdw import models
+from fastdw.bench import timing
+from fastdw.bench.models import torchvision_model
 
 TARGETS = ["mobilenet_v2", "mobilenet_v3_large", "shufflenet_v2_x1_0"]
 DEFAULT = TARGETS + ["mobilenet_v3_small", "squeezenet1_1"]
@@ -32,13 +32,7 @@ FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
 def pair(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     """torchvision's model with calibrated BatchNorm statistics and fastdw's twin with its weights."""
-    torch.manual_seed(0)
-    theirs = getattr(torchvision.models, name)()
-    theirs.train()
-    with torch.no_grad():
-        for _ in range(3):
-            theirs(torch.randn(4, 3, 224, 224))
-    theirs.eval()
+    theirs = torchvision_model(name, 224)  # seeded; BN statistics calibrated whatever the momentum
     ours = getattr(models, name)()
     ours.load_state_dict(theirs.state_dict())
     return ours.eval(), theirs
@@ -127,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         for batch in batches:
             t = bench_model(name, batch, args.reps)
             results["runs"].append({"model": name, "batch": batch, "ms": t})
-            row = [name, batch] + [t[k] for k in ("torchvision_nchw", "fastdw_nchw", "torchvision_cl", "fastdw_cl")]
+            row = [name, batch] + [t[k] for k in ("torchvision_nchw", "fastdw_nchw", "torchvision_cl",
+                                                  "fastdw_cl")]
             row += [t["torchvision_nchw"] / t["fastdw_nchw"], t["torchvision_cl"] / t["fastdw_cl"],
                     min(t["torchvision_nchw"], t["torchvision_cl"]) / min(t["fastdw_nchw"], t["fastdw_cl"])]
             rows.append(row)
@@ -140,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in [n for n in TARGETS if n in names]:
             for fmt_name, fmt in FORMATS.items():
                 shares = breakdown(name, fmt)
-                results.setdefault("breakdown", []).append({"model": name, "format": fmt_name, "percent": shares})
+                results.setdefault("breakdown", []).append({"model": name, "format": fmt_name,
+                                                            "percent": shares})
                 line = ", ".join(f"{k} {v:.0f}%" for k, v in shares.items() if v >= 1.0)
                 parts.append(f"- {name} {fmt_name}, batch 1: {line}")
         print("Where fastdw's time goes (self CPU time, batch 1):\n" + "\n".join(parts))
@@ -152,13 +148,14 @@ def main(argv: list[str] | None = None) -> None:
                 f"Times in ms (medians of interleaved repetitions); x = torchvision / fastdw.\n\n")
         f.write(table + "\n")
         if parts:
-            f.write("\nWhere fastdw's time goes (profiler, self CPU time, batch 1):\n\n" + "\n".join(parts) + "\n")
+            f.write("\nWhere fastdw's time goes (profiler, self CPU time, batch 1):\n\n")
+            f.write("\n".join(parts) + "\n")
     with open(os.path.join(args.out, "models.json"), "w") as f:
         json.dump(results, f, indent=1)
 
 
-HEADER = ["model", "batch", "torchvision NCHW", "fastdw NCHW", "torchvision CL", "fastdw CL", "x NCHW", "x CL",
-          "x best vs best"]
+HEADER = ["model", "batch", "torchvision NCHW", "fastdw NCHW", "torchvision CL", "fastdw CL", "x NCHW",
+          "x CL", "x best vs best"]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,124 @@
+"""Timing helpers shared by every benchmark: fixed threads, denormals flushed, warm-up, medians of
+interleaved repetitions (so a noisy neighbour slows every contender alike), ratios from one run."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def setup(threads: int) -> None:
+    """Same thread count for every engine (intra-op and inter-op) and denormals flushed to zero.
+
+    Denormals matter: with randomly initialised weights some activations decay into the denormal
+    range, where x86 arithmetic is 10-100x slower (see shared/ANCHORS.md). The flush mode is a
+    per-thread register that threads inherit when they are created: call this before PyTorch
+    starts its thread pool (``denormals_flushed`` tells whether every pool thread flushes)."""
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only allowed once, before any inter-op work: already set
+        pass
+
+
+def denormals_flushed(numel: int = 1 << 22) -> bool:
+    """Whether every thread of PyTorch's pool flushes denormals: a parallel multiply of the
+    smallest denormal (written as an integer bit pattern, so no thread converts it) gives zero in
+    threads that flush and a denormal in the others (read back as integers, for the same reason)."""
+    x = torch.ones(numel, dtype=torch.int32).view(torch.float32)
+    return not bool((x * 2).view(torch.int32).ne(0).any())
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int = 30, warmup: int = 3,
+                min_time: float = 0.0) -> dict[str, float]:
+    """Median milliseconds of each callable, timed round-robin. ``min_time`` (s) repeats a whole
+    round until a round takes at least that long, for very short ops."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    inner = 1
+    if min_time > 0:
+        while True:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                for f in fns.values():
+                    f()
+            if time.perf_counter() - t0 >= min_time or inner >= 1 << 12:
+                break
+            inner *= 2
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                f()
+            samples[k].append((time.perf_counter() - t0) * 1e3 / inner)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = importlib.import_module(module)
+    except Exception:
+        return None
+    return str(getattr(mod, "__version__", "?"))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, str]:
+    """The machine and library versions a result was measured with (absent libraries: None)."""
+    import fastdw
+
+    info: dict[str, str] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": str(os.cpu_count()),
+        "threads": str(torch.get_num_threads()),
+        "fastdw": fastdw.__version__,
+        "fastdw_cpu_kernels": capability(),
+        "torch": torch.__version__,
+        "denormals_flushed_in_all_threads": str(denormals_flushed()),
+    }
+    for name in ("torchvision", "onnx", "onnxruntime", "openvino", "timm", "numpy"):
+        info[name] = _version(name)
+    return info
+
+
+def capability() -> str:
+    """The instruction set fastdw's CPU kernels run with, or why they do not run."""
+    import fastdw
+
+    if not fastdw._backend.extension_loaded():
+        return "reference (extension not built)"
+    from fastdw import _C
+
+    return _C.cpu_capability()
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)

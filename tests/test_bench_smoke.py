@@ -1,0 +1,67 @@
+"""Smoke test of the benchmark suite: the CLI runs in-process on a tiny configuration and writes
+its Markdown, JSON and PNG files; fastdw's results are checked against eager inside the run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastdw.bench import engines, models
+from fastdw.bench.__main__ import main
+
+
+@pytest.fixture
+def _keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)
+
+
+def test_cli_tiny_run(tmp_path, capsys, _keep_threads) -> None:
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    rc = main(["--ops", "dwconv", "--models", "mobilenet_v2", "--batch", "1", "--train-batch", "2",
+               "--threads", "1", "--no-compile", "--no-onnx", "--reps", "2", "--resolution", "32", "--quick",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    for ext in ("md", "json", "png"):
+        assert (tmp_path / f"bench-quick.{ext}").stat().st_size > 0
+    data = json.loads((tmp_path / "bench-quick.json").read_text())
+    sections = {row["section"] for row in data["rows"]}
+    assert sections == {"ops_eval", "ops_train", "models_eval", "models_train"}
+    model_row = next(r for r in data["rows"] if r["section"] == "models_eval")
+    assert {"eager", "eager_cl", "fastdw", "fastdw_cl", "convert_cl"} <= set(model_row["ms"])
+    assert model_row["status"]["compile"] == "skipped: --no-compile"
+    assert data["machine"]["torch"] == torch.__version__
+    out = capsys.readouterr().out
+    assert "| mobilenet_v2 | 1 |" in out and "skipped" in out
+
+
+def test_fastdw_mismatch_fails_the_run(tmp_path, monkeypatch, capsys, _keep_threads) -> None:
+    real = models.bundled
+
+    def wrong(name, eager_model):
+        ours = real(name, eager_model)
+        with torch.no_grad():
+            ours.classifier[1].bias.add_(1.0)
+        return ours
+
+    monkeypatch.setattr(models, "bundled", wrong)
+    rc = main(["--ops", "none", "--models", "mobilenet_v2", "--batch", "1", "--threads", "1", "--no-train",
+               "--no-compile", "--no-onnx", "--reps", "1", "--resolution", "32", "--out", str(tmp_path)])
+    assert rc == 1
+    assert "FAILED" in capsys.readouterr().err
+    assert not (tmp_path / "bench.md").exists()
+
+
+def test_fold_bn_matches_eager() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.mobilenet_v2().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        assert engines.fold_bn(model) == 52
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
