@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         for batch in batches:
             t = bench_model(name, batch, args.reps)
             results["runs"].append({"model": name, "batch": batch, "ms": t})
-            row = [name, batch] + [t[k] for k in ("torchvision_nchw", "fastdw_nchw", "torchvision_cl", "fastdw_cl")]
+            row = [name, batch] + [t[k] for k in ("torchvision_nchw", "fastdw_nchw", "torchvision_cl",
+                                                  "fastdw_cl")]
             row += [t["torchvision_nchw"] / t["fastdw_nchw"], t["torchvision_cl"] / t["fastdw_cl"],
                     min(t["torchvision_nchw"], t["torchvision_cl"]) / min(t["fastdw_nchw"], t["fastdw_cl"])]
             rows.append(row)
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in [n for n in TARGETS if n in names]:
             for fmt_name, fmt in FORMATS.items():
                 shares = breakdown(name, fmt)
-                results.setdefault("breakdown", []).append({"model": name, "format": fmt_name, "percent": shares})
+                entry = {"model": name, "format": fmt_name, "percent": shares}
+                results.setdefault("breakdown", []).append(entry)
                 line = ", ".join(f"{k} {v:.0f}%" for k, v in shares.items() if v >= 1.0)
                 parts.append(f"- {name} {fmt_name}, batch 1: {line}")
         print("Where fastdw's time goes (self CPU time, batch 1):\n" + "\n".join(parts))
@@ -152,13 +154,14 @@ def main(argv: list[str] | None = None) -> None:
                 f"Times in ms (medians of interleaved repetitions); x = torchvision / fastdw.\n\n")
         f.write(table + "\n")
         if parts:
-            f.write("\nWhere fastdw's time goes (profiler, self CPU time, batch 1):\n\n" + "\n".join(parts) + "\n")
+            f.write("\nWhere fastdw's time goes (profiler, self CPU time, batch 1):\n\n")
+            f.write("\n".join(parts) + "\n")
     with open(os.path.join(args.out, "models.json"), "w") as f:
         json.dump(results, f, indent=1)
 
 
-HEADER = ["model", "batch", "torchvision NCHW", "fastdw NCHW", "torchvision CL", "fastdw CL", "x NCHW", "x CL",
-          "x best vs best"]
+HEADER = ["model", "batch", "torchvision NCHW", "fastdw NCHW", "torchvision CL", "fastdw CL", "x NCHW",
+          "x CL", "x best vs best"]
 
 
 if __name__ == "__main__":
