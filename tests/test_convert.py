@@ -170,7 +170,8 @@ def test_fold_bn_option():
     x = rand_input((2, 3, SIZE, SIZE), torch.float32, True)
     with torch.no_grad():
         assert_outputs_close(folded.eval()(x), model.eval()(x), TOL[torch.float32])
-    assert_same_training_step(folded, model, x, 1e-3)
+    # judged against float64: two float32 runs differ by ~1e-2 from BatchNorm over few values
+    assert_same_training_step(folded, copy.deepcopy(model).double(), x.double(), 1e-3, norm=True)
 
 
 def test_converted_model_copies_and_pickles():

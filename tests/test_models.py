@@ -107,12 +107,16 @@ def test_twin_equals_torchvision_float64(name, channels_last):
 @pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x1_0",
                                   "squeezenet1_0"])
 def test_twin_equals_torchvision_float32(name):
+    """float32, both memory formats: eval outputs agree with torchvision's; the training step is judged
+    against torchvision in float64 (torchvision's own float32 gradients are up to ~1e-2 off it, from
+    BatchNorm over few values, so comparing two float32 runs would only measure that)."""
     ours, theirs = twin_pair(name, torch.float32)
+    truth = copy.deepcopy(theirs).double()
     for channels_last in (False, True):
         x = rand_input((2, 3, 48, 48), torch.float32, channels_last)
         with torch.no_grad():
             assert_outputs_close(ours(x), theirs(x), TOL[torch.float32], what=f"{name} eval")
-        assert_same_training_step(ours, theirs, x, 1e-3, what=name)
+        assert_same_training_step(ours, truth, x.double(), 1e-3, what=name, norm=True)
 
 
 def test_torchvision_state_dict_loads_both_ways(tmp_path):
