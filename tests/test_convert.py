@@ -48,6 +48,15 @@ def build(source: str, name: str, dtype: torch.dtype = torch.float32, size: int 
     return calibrate(model.to(dtype), (4, 3, size, size))
 
 
+def zeroed(model: nn.Module) -> nn.Module:
+    """A copy with every parameter and buffer zeroed: a loaded state_dict must overwrite all of it."""
+    copy_ = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in copy_.state_dict().values():
+            t.zero_()
+    return copy_
+
+
 def depthwise_convs(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels]
 
@@ -76,10 +85,10 @@ def test_convert_keeps_state_dict_and_outputs(source, name, tmp_path):
     assert_same_state(converted, model, what=name)
     path = tmp_path / "before.pt"
     torch.save(model.state_dict(), path)
-    fresh = fastdw.convert(build(source, name))
+    fresh = fastdw.convert(zeroed(model))
     fresh.load_state_dict(torch.load(path, weights_only=True))
     assert_same_state(fresh, model)
-    original = build(source, name)
+    original = zeroed(model)
     original.load_state_dict(converted.state_dict())
     assert_same_state(original, model)
     # eval outputs, both memory formats
@@ -161,7 +170,8 @@ def test_fold_bn_option():
     x = rand_input((2, 3, SIZE, SIZE), torch.float32, True)
     with torch.no_grad():
         assert_outputs_close(folded.eval()(x), model.eval()(x), TOL[torch.float32])
-    assert_same_training_step(folded, model, x, 1e-3)
+    # judged against float64: two float32 runs differ by ~1e-2 from BatchNorm over few values
+    assert_same_training_step(folded, copy.deepcopy(model).double(), x.double(), 1e-3, norm=True)
 
 
 def test_converted_model_copies_and_pickles():

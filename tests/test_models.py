@@ -87,9 +87,10 @@ def test_twin_state_dict_matches_torchvision(name):
             assert isinstance(ours_modules[path], fused), f"{name}: {path} is {type(ours_modules[path])}"
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_large", "shufflenet_v2_x0_5",
-                                  "squeezenet1_1"])
+# float64 is slow in torchvision's depthwise convs (one small conv per channel), so each model runs
+# in one memory format here; test_twin_equals_torchvision_float32 covers both formats of each family.
+@pytest.mark.parametrize("name,channels_last", [("mobilenet_v2", False), ("mobilenet_v3_large", True),
+                                                ("shufflenet_v2_x0_5", True), ("squeezenet1_1", False)])
 def test_twin_equals_torchvision_float64(name, channels_last):
     """Eval outputs (with and without autograd) and a whole training step agree with torchvision."""
     ours, theirs = twin_pair(name)
@@ -103,14 +104,19 @@ def test_twin_equals_torchvision_float64(name, channels_last):
     assert_same_training_step(ours, theirs, x, tol, what=name)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "shufflenet_v2_x1_0", "squeezenet1_0"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x1_0",
+                                  "squeezenet1_0"])
 def test_twin_equals_torchvision_float32(name):
+    """float32, both memory formats: eval outputs agree with torchvision's; the training step is judged
+    against torchvision in float64 (torchvision's own float32 gradients are up to ~1e-2 off it, from
+    BatchNorm over few values, so comparing two float32 runs would only measure that)."""
     ours, theirs = twin_pair(name, torch.float32)
+    truth = copy.deepcopy(theirs).double()
     for channels_last in (False, True):
-        x = rand_input((2, 3, 64, 64), torch.float32, channels_last)
+        x = rand_input((2, 3, 48, 48), torch.float32, channels_last)
         with torch.no_grad():
             assert_outputs_close(ours(x), theirs(x), TOL[torch.float32], what=f"{name} eval")
-        assert_same_training_step(ours, theirs, x, 1e-3, what=name)
+        assert_same_training_step(ours, truth, x.double(), 1e-3, what=name, norm=True)
 
 
 def test_torchvision_state_dict_loads_both_ways(tmp_path):
@@ -173,14 +179,15 @@ def test_equals_reference_backend(name):
     """Models without a torchvision twin: the fused kernels agree with fastdw's pure-PyTorch reference
     ops (float64), in eval and over a training step (Xception, 40 M parameters: eval only)."""
     factory, kwargs, size = REFERENCE_CASES[name]
+    dtype = torch.float64
     torch.manual_seed(0)
-    model = factory(**kwargs).double()
+    model = factory(**kwargs).to(dtype)
     calibrate(model, (2, 3, size, size))
-    x = rand_input((2, 3, size, size), torch.float64, name.startswith("shufflenet"))
+    x = rand_input((2, 3, size, size), dtype, name.startswith("shufflenet"))
     with torch.no_grad():
         expected = model(x)
         with fastdw.use_backend("reference"):
-            assert_outputs_close(model(x), expected, TOL[torch.float64], what=name)
+            assert_outputs_close(model(x), expected, TOL[dtype], what=name)
     if not name.startswith("xception"):
         assert_same_training_step(model, model, x, TOL[torch.float64], what=name,
                                   reference_context=lambda: fastdw.use_backend("reference"))
