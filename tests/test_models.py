@@ -113,10 +113,13 @@ def test_twin_equals_torchvision_float32(name):
     ours, theirs = twin_pair(name, torch.float32)
     truth = copy.deepcopy(theirs).double()
     for channels_last in (False, True):
-        x = rand_input((2, 3, 48, 48), torch.float32, channels_last)
+        # 80x80: the last stages keep >= 3x3 pixels, so training BN never normalises over only two
+        # values per channel (there the true gradient is ~0 and float32 noise dominates the check).
+        x = rand_input((2, 3, 80, 80), torch.float32, channels_last)
         with torch.no_grad():
             assert_outputs_close(ours(x), theirs(x), TOL[torch.float32], what=f"{name} eval")
-        assert_same_training_step(ours, truth, x.double(), 1e-3, what=name, norm=True)
+        # 1e-2: the bound torchvision's own float32 step meets against float64 (see docstring).
+        assert_same_training_step(ours, truth, x.double(), 1e-2, what=name, norm=True)
 
 
 def test_torchvision_state_dict_loads_both_ways(tmp_path):
