@@ -272,11 +272,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     const auto& k = kernels<T>();
     const std::vector<double> ones(s.C, 1.0);
     const std::vector<T> w = weights<T>(s, weight, ones);
-    // xhat = z * a1 + a0 with z the bias-free conv output; gz = k1 * g + k2 * xhat + k3.
+    // xhat = (z + a0) * a1 with z the bias-free conv output (the mean is subtracted before the
+    // scaling: with a tiny batch variance, z * invstd - mean * invstd would cancel badly);
+    // gz = k1 * g + k2 * xhat + k3.
     std::vector<double> a1(s.C), a0(s.C), k1(s.C), k2(s.C, 0.0), k3(s.C, 0.0);
     for (int64_t c = 0; c < s.C; ++c) {
       a1[c] = invstd[c];
-      a0[c] = (b[c] - m[c]) * invstd[c];
+      a0[c] = b[c] - m[c];
       k1[c] = g[c] * invstd[c];
     }
     const std::vector<T> a1t = cast<T>(a1), a0t = cast<T>(a0), gt = cast<T>(g), bet = cast<T>(beta);
