@@ -22,21 +22,10 @@
 #include <vector>
 
 #include "cpu/dwconv_bn_act_kernel.h"
+#include "cpu/vec_util.h"
 
 namespace fastdw::cpu::CPU_CAPABILITY {
 
-using at::vec::Vectorized;
-template <typename T>
-using V = Vectorized<T>;
-
-template <typename T>
-inline V<T> load(const T* p, int64_t n) {
-  return n == V<T>::size() ? V<T>::loadu(p) : V<T>::loadu(p, n);
-}
-template <typename T>
-inline void store(const V<T>& v, T* p, int64_t n) {
-  if (n == V<T>::size()) v.store(p); else v.store(p, n);
-}
 template <typename T>
 inline double hsum(const V<T>& v, int64_t n) {
   alignas(64) T tmp[V<T>::size()];

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu/se_scale_kernel.h"
+#include "cpu/vec_util.h"
 
 namespace fastdw::cpu::CPU_CAPABILITY::se {
 
@@ -31,15 +32,8 @@ using at::vec::Vectorized;
 template <typename T>
 using V = Vectorized<T>;
 
-// Partial loads zero the lanes past n, so partial vectors can be summed as they are.
-template <typename T>
-inline V<T> load(const T* p, int64_t n) {
-  return n == V<T>::size() ? V<T>::loadu(p) : V<T>::loadu(p, n);
-}
-template <typename T>
-inline void store(const V<T>& v, T* p, int64_t n) {
-  if (n == V<T>::size()) v.store(p); else v.store(p, n);
-}
+// load / store of partial vectors: cpu/vec_util.h (partial loads zero the lanes past n, so
+// partial vectors can be summed as they are).
 // Pairwise, so the adds of one level are independent (a serial sum of 16 lanes is ~60 cycles of
 // latency, which dominated the small FCs and the per-plane sums).
 template <typename T>
