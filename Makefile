@@ -33,6 +33,9 @@ test: $(BUILD)
 bench: $(BUILD)
 	$(VPY) -m fastdw.bench
 
+selftest: $(BUILD)
+	$(VPY) -m fastdw.selftest
+
 bench-shuffle: $(BUILD)
 	$(VPY) -m bench.shuffle
 
