@@ -50,8 +50,9 @@ class Row:
     columns: dict[str, str] = field(default_factory=dict)  # more table columns after the times
     extra: dict[str, object] = field(default_factory=dict)  # JSON only
 
-    def engines(self) -> list[str]:
-        return list(dict.fromkeys([*self.ms, *self.status]))
+    def spread(self) -> dict[str, float]:
+        """Where ``timing.interleaved`` puts each engine's interquartile range / median (JSON)."""
+        return self.extra.setdefault("relative_iqr", {})
 
     def speedup(self, engine: str) -> float | None:
         """Eager NCHW time / this engine's time (None if either is missing)."""
