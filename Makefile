@@ -7,7 +7,7 @@ DEPS    := $(VENV)/.deps-stamp
 BUILD   := .stamp-build
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py Makefile
 
-.PHONY: all venv build test test-fast bench bench-quick lint format selftest clean distclean
+.PHONY: all venv build test test-fast bench bench-quick bench-shuffle lint format selftest clean distclean
 
 all: build
 
@@ -32,6 +32,9 @@ test: $(BUILD)
 
 bench: $(BUILD)
 	$(VPY) -m fastdw.bench
+
+bench-shuffle: $(BUILD)
+	$(VPY) -m bench.shuffle
 
 lint: $(DEPS)
 	$(VPY) -m ruff check fastdw tests bench setup.py

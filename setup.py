@@ -41,7 +41,8 @@ class BuildExt(BuildExtension):
     """BuildExtension that first compiles the per-ISA kernel objects, each with its own flags."""
 
     def build_extension(self, ext):
-        cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
+        args = ext.extra_compile_args
+        cxx = args["cxx"] if isinstance(args, dict) else args
         objects = []
         for isa, flags in ISA_FLAGS.items():
             src = os.path.join("csrc", "cpu", "isa", f"{isa}.cpp")

@@ -137,8 +137,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--out", default=os.path.join("bench", "results"))
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time with thread CPU time (needs --threads 1): robust on a loaded machine")
     args = p.parse_args(argv)
     timing.setup(args.threads)
+    if args.cpu_time:
+        if args.threads != 1:
+            p.error("--cpu-time needs --threads 1")
+        from fastdw.bench.timing import use_cpu_time
+
+        use_cpu_time()
     shapes = QUICK if args.quick else SHAPES
     cap = timing.capability()
     print(f"fastdw dwconv_bn_act benchmark: {args.threads} threads, float32, CPU kernels: {cap}\n")
@@ -183,7 +191,9 @@ def main(argv: list[str] | None = None) -> None:
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "dwconv_bn_act.md"), "w") as f:
-        f.write(f"`python -m bench.dwconv_bn_act --threads {args.threads}` ({cap})\n\n")
+        flags = f"--threads {args.threads}" + (" --cpu-time" if args.cpu_time else "")
+        flags += " --quick" if args.quick else ""
+        f.write(f"`python -m bench.dwconv_bn_act {flags}` ({cap})\n\n")
         f.write("Eval forward (ms)\n\n" + eval_md + "\n\nTraining step (ms)\n\n" + train_md + "\n")
     with open(os.path.join(args.out, "dwconv_bn_act.json"), "w") as f:
         json.dump(results, f, indent=1)

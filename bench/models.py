@@ -20,10 +20,10 @@ import os
 from collections import defaultdict
 
 import torch
+import torchvision
 
+from bench import timing
 from fastdw import models
-from fastdw.bench import timing
-from fastdw.bench.models import torchvision_model
 
 TARGETS = ["mobilenet_v2", "mobilenet_v3_large", "shufflenet_v2_x1_0"]
 DEFAULT = TARGETS + ["mobilenet_v3_small", "squeezenet1_1"]
@@ -32,7 +32,13 @@ FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
 def pair(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     """torchvision's model with calibrated BatchNorm statistics and fastdw's twin with its weights."""
-    theirs = torchvision_model(name, 224)  # seeded; BN statistics calibrated whatever the momentum
+    torch.manual_seed(0)
+    theirs = getattr(torchvision.models, name)()
+    theirs.train()
+    with torch.no_grad():
+        for _ in range(3):
+            theirs(torch.randn(4, 3, 224, 224))
+    theirs.eval()
     ours = getattr(models, name)()
     ours.load_state_dict(theirs.state_dict())
     return ours.eval(), theirs
@@ -63,13 +69,13 @@ KINDS = [
     ("convolution", "dense convs (oneDNN / im2col)"),
     ("conv2d", "dense convs (oneDNN / im2col)"),
     ("batch_norm", "BatchNorm (training-style, unfolded)"),
+    ("addmm", "classifier"),  # before "add"
+    ("linear", "classifier"),
     ("clamp", "activations"),
     ("hardswish", "activations"),
     ("relu", "activations"),
     ("hardtanh", "activations"),
     ("add", "residual adds"),
-    ("addmm", "classifier"),
-    ("linear", "classifier"),
     ("cat", "concat"),
     ("max_pool", "pooling"),
     ("mean", "pooling"),
@@ -135,8 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in [n for n in TARGETS if n in names]:
             for fmt_name, fmt in FORMATS.items():
                 shares = breakdown(name, fmt)
-                results.setdefault("breakdown", []).append({"model": name, "format": fmt_name,
-                                                            "percent": shares})
+                entry = {"model": name, "format": fmt_name, "percent": shares}
+                results.setdefault("breakdown", []).append(entry)
                 line = ", ".join(f"{k} {v:.0f}%" for k, v in shares.items() if v >= 1.0)
                 parts.append(f"- {name} {fmt_name}, batch 1: {line}")
         print("Where fastdw's time goes (self CPU time, batch 1):\n" + "\n".join(parts))

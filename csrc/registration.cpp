@@ -10,11 +10,11 @@ TORCH_LIBRARY(fastdw, m) {
   m.def(
       "dwconv_bn_act(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
       "Tensor? mean, Tensor? var, bool training, float eps, int[2] stride, int[2] padding, "
-      "int[2] dilation, str activation) -> (Tensor, Tensor, Tensor)");
+      "int[2] dilation, str activation, int shuffle_groups=1) -> (Tensor, Tensor, Tensor)");
   m.def(
       "dwconv_bn_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, "
       "Tensor? bn_bias, Tensor? mean, Tensor? var, bool training, float eps, int[2] stride, "
-      "int[2] padding, int[2] dilation, str activation, bool[5] output_mask) "
+      "int[2] padding, int[2] dilation, str activation, bool[5] output_mask, int shuffle_groups=1) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Squeeze-and-Excitation: returns (x * gate(fc2(act(fc1(mean_hw(x))))), mean_hw(x) as [N, C]).
   m.def(

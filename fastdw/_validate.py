@@ -15,6 +15,11 @@ ACTIVATIONS = ("relu", "relu6", "hardswish", "silu", "none")
 
 def pair(value, name: str) -> tuple[int, int]:
     """An int or a pair of ints -> a pair of Python ints."""
+    tv = type(value)
+    if tv is int:
+        return (value, value)
+    if (tv is tuple or tv is list) and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return (value[0], value[1])
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
@@ -47,6 +52,9 @@ def per_channel(ref: torch.Tensor, t: torch.Tensor | None, name: str, channels: 
     """A per-channel vector (BN parameter or statistic): 1-D of length C, same device."""
     if t is None:
         return
+    if isinstance(t, torch.Tensor) and t.device == ref.device and t.dtype.is_floating_point \
+            and t.dim() == 1 and t.shape[0] == channels:
+        return  # the common case, checked cheaply (this runs on every call)
     same_device_dtype(ref, t, name, dtype=False)
     if t.dim() != 1 or t.shape[0] != channels:
         raise ValueError(f"{name} must have shape [{channels}], got {list(t.shape)}")

@@ -7,12 +7,12 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import requires_ext
 from torch import nn
 
 import fastdw
 from fastdw import _backend
 
-needs_ext = pytest.mark.skipif(not _backend.extension_loaded(), reason="fastdw._C not built")
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
 
@@ -195,7 +195,7 @@ def test_shuffle_conv_weight(k):
 # --- opcheck, gradcheck, compile, instruction sets, edge sizes ------------------------------------
 
 
-@needs_ext
+@requires_ext
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_opcheck(fmt):
     x = _x((2, 12, 3, 5), fmt).requires_grad_()
@@ -209,7 +209,7 @@ def test_opcheck(fmt):
     torch.library.opcheck(torch.ops.fastdw.concat_shuffle_backward.default, (_x((2, 24, 3, 5), fmt),))
 
 
-@needs_ext
+@requires_ext
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gradcheck(fmt):
     x = _x((2, 12, 3, 2), fmt, torch.float64).requires_grad_()
@@ -218,7 +218,7 @@ def test_gradcheck(fmt):
     assert torch.autograd.gradcheck(fastdw.ops.concat_shuffle, (x, b))
 
 
-@needs_ext
+@requires_ext
 def test_compile_fullgraph():
     class Unit(nn.Module):  # a ShuffleNet-like body: shuffle, halves, concat + shuffle
         def __init__(self):
@@ -244,31 +244,21 @@ def test_compile_fullgraph():
     torch.testing.assert_close(gx1, gx0)
 
 
-@needs_ext
-@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
-def test_every_instruction_set(isa):
-    previous = fastdw._C.cpu_capability()
-    try:
-        fastdw._C.set_cpu_capability(isa)
-    except ValueError:
-        pytest.skip(f"{isa} not supported here")
-    try:
-        for dtype in DTYPES.values():
-            for fmt in FORMATS:
-                for c in (2, 30, 64, 70):  # scalar tails and whole vectors
-                    x = _x((2, c, 3, 3), fmt, dtype)
-                    for g in _divisors(c):
-                        assert torch.equal(fastdw.ops.channel_shuffle(x, g), F.channel_shuffle(x, g))
-                    b = _x((2, c, 3, 3), fmt, dtype, seed=1)
-                    y = fastdw.ops.concat_shuffle(x, b)
-                    assert torch.equal(y, _concat_shuffle_ref(x, b))
-                    ga, gb = torch.ops.fastdw.concat_shuffle_backward(y)
-                    assert torch.equal(ga, x) and torch.equal(gb, b)
-    finally:
-        fastdw._C.set_cpu_capability(previous)
+def test_every_instruction_set(cpu_capability):
+    for dtype in DTYPES.values():
+        for fmt in FORMATS:
+            for c in (2, 30, 64, 70):  # scalar tails and whole vectors
+                x = _x((2, c, 3, 3), fmt, dtype)
+                for g in _divisors(c):
+                    assert torch.equal(fastdw.ops.channel_shuffle(x, g), F.channel_shuffle(x, g))
+                b = _x((2, c, 3, 3), fmt, dtype, seed=1)
+                y = fastdw.ops.concat_shuffle(x, b)
+                assert torch.equal(y, _concat_shuffle_ref(x, b))
+                ga, gb = torch.ops.fastdw.concat_shuffle_backward(y)
+                assert torch.equal(ga, x) and torch.equal(gb, b)
 
 
-@needs_ext
+@requires_ext
 @pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 3), (1, 2, 1, 1)])
 def test_edge_sizes(shape):
     for fmt in FORMATS:
@@ -323,7 +313,7 @@ def test_bad_tensors(backend):
         fastdw.ops.shuffle_permutation(0, 1)
 
 
-@needs_ext
+@requires_ext
 def test_bad_input_reaching_the_cpp_ops_raises_python_errors():
     with pytest.raises(ValueError, match="groups"):
         torch.ops.fastdw.channel_shuffle(torch.randn(2, 6, 3, 3), 4)

@@ -26,17 +26,35 @@ TORCHVISION = ["mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "shuf
                "mnasnet1_0", "mnasnet1_3", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2",
                "efficientnet_b3"]
 TIMM = ["mobilenetv2_100", "mobilenetv3_large_100", "mobilenetv3_small_100", "efficientnet_b0", "mnasnet_100"]
-SIZE = 64
+SIZE = 48  # the last feature maps are 2x2: BatchNorm statistics in training are well conditioned
 
 
-def build(source: str, name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+@pytest.fixture(autouse=True, scope="module")
+def _flush_denormals():
+    """Randomly initialised networks produce denormal intermediates, on which x86 float math is many
+    times slower; flushing them keeps these tests fast and changes values by less than 1e-300."""
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+
+
+def build(source: str, name: str, dtype: torch.dtype = torch.float32, size: int = SIZE) -> nn.Module:
     torch.manual_seed(0)
     if source == "torchvision":
         model = getattr(torchvision.models, name)()
     else:
         timm = pytest.importorskip("timm")
         model = timm.create_model(name, pretrained=False)
-    return calibrate(model.to(dtype), (4, 3, SIZE, SIZE))
+    return calibrate(model.to(dtype), (4, 3, size, size))
+
+
+def zeroed(model: nn.Module) -> nn.Module:
+    """A copy with every parameter and buffer zeroed: a loaded state_dict must overwrite all of it."""
+    copy_ = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in copy_.state_dict().values():
+            t.zero_()
+    return copy_
 
 
 def depthwise_convs(model: nn.Module) -> list[str]:
@@ -67,10 +85,10 @@ def test_convert_keeps_state_dict_and_outputs(source, name, tmp_path):
     assert_same_state(converted, model, what=name)
     path = tmp_path / "before.pt"
     torch.save(model.state_dict(), path)
-    fresh = fastdw.convert(build(source, name))
+    fresh = fastdw.convert(zeroed(model))
     fresh.load_state_dict(torch.load(path, weights_only=True))
     assert_same_state(fresh, model)
-    original = build(source, name)
+    original = zeroed(model)
     original.load_state_dict(converted.state_dict())
     assert_same_state(original, model)
     # eval outputs, both memory formats
@@ -82,7 +100,7 @@ def test_convert_keeps_state_dict_and_outputs(source, name, tmp_path):
 
 TRAIN_CASES = [("torchvision", "mobilenet_v3_small"), ("torchvision", "shufflenet_v2_x0_5"),
                ("torchvision", "mnasnet0_5"), ("torchvision", "efficientnet_b0"),
-               ("timm", "mobilenetv3_small_100"), ("timm", "efficientnet_b0")]
+               ("timm", "mobilenetv3_small_100")]  # timm DepthwiseSeparableConv, InvertedResidual, SE
 
 
 @pytest.mark.parametrize("source,name", TRAIN_CASES, ids=[f"{s}-{n}" for s, n in TRAIN_CASES])
@@ -144,15 +162,16 @@ def test_se_with_unsupported_activation_is_skipped():
 
 
 def test_fold_bn_option():
-    model = build("torchvision", "mnasnet0_5")
+    model = build("torchvision", "mobilenet_v3_small")
     folded, report = fastdw.convert(model, fold_bn=True, report=True)
+    assert report.counts["conv_bn_fold"] == 23  # stem, 10 expansions, 11 projections, last 1x1 conv
+    assert isinstance(folded.features[0], fastdw.nn.FusedSequential) and folded.features[0].fold_bn
     assert_same_state(folded, model)
     x = rand_input((2, 3, SIZE, SIZE), torch.float32, True)
     with torch.no_grad():
         assert_outputs_close(folded.eval()(x), model.eval()(x), TOL[torch.float32])
-    assert_same_training_step(folded, model, x, 1e-3)
-    mbv2 = fastdw.convert(build("torchvision", "mobilenet_v2"), fold_bn=True, report=True)[1]
-    assert mbv2.counts["conv_bn_fold"] > 0
+    # judged against float64: two float32 runs differ by ~1e-2 from BatchNorm over few values
+    assert_same_training_step(folded, copy.deepcopy(model).double(), x.double(), 1e-3, norm=True)
 
 
 def test_converted_model_copies_and_pickles():

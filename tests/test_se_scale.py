@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import requires_ext
 from torch import nn
 
 import fastdw
@@ -17,7 +18,6 @@ timm_blocks = pytest.importorskip("timm.models._efficientnet_blocks")
 timm_se = pytest.importorskip("timm.layers.squeeze_excite")
 tv_misc = pytest.importorskip("torchvision.ops.misc")
 
-needs_ext = pytest.mark.skipif(not _backend.extension_loaded(), reason="fastdw._C not built")
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 ACTS = {"relu": nn.ReLU, "silu": nn.SiLU}
 GATES = {"hardsigmoid": nn.Hardsigmoid, "sigmoid": nn.Sigmoid}
@@ -115,7 +115,7 @@ def test_all_activations_and_gates(backend, act, gate, fmt):
     _assert_same(fastdw.nn.SqueezeExcite.from_module(se), se, _input(3, 40, 6, 5, fmt, torch.float64))
 
 
-@needs_ext
+@requires_ext
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_matches_reference(shape, fmt):
@@ -183,7 +183,7 @@ def test_module_constructor_matches_functional(backend):
     torch.testing.assert_close(m(x), expect, **_tol(torch.float64))
 
 
-@needs_ext
+@requires_ext
 def test_linear_weights_and_no_bias():
     torch.manual_seed(0)
     x = torch.randn(2, 16, 3, 3, dtype=torch.float64)
@@ -196,7 +196,7 @@ def test_linear_weights_and_no_bias():
 # --- autograd, kinks, opcheck, compile -----------------------------------------------------------
 
 
-@needs_ext
+@requires_ext
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -209,7 +209,7 @@ def test_gradcheck(act, gate, fmt):
     assert torch.autograd.gradcheck(f, (x, *params))
 
 
-@needs_ext
+@requires_ext
 def test_derivative_conventions_at_kinks():
     # h = 0 exactly (relu'(0) = 0) and z = +-3 exactly (hardsigmoid' = 0 there), as PyTorch.
     x = torch.ones(1, 4, 2, 2, dtype=torch.float64, requires_grad=True)
@@ -226,7 +226,7 @@ def test_derivative_conventions_at_kinks():
         torch.testing.assert_close(g_cpu, g_ref, rtol=0, atol=1e-15)
 
 
-@needs_ext
+@requires_ext
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_opcheck(fmt):
     torch.manual_seed(0)
@@ -243,7 +243,7 @@ def test_opcheck(fmt):
         torch.library.opcheck(torch.ops.fastdw.se_scale_backward.default, (*args, mask))
 
 
-@needs_ext
+@requires_ext
 def test_compile_fullgraph():
     torch.manual_seed(0)
     se = _torchvision_se(24, 8, "relu", "hardsigmoid", torch.float32)
@@ -262,25 +262,15 @@ def test_compile_fullgraph():
 # --- kernels: every instruction set, thread counts, edge sizes -----------------------------------
 
 
-@needs_ext
-@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_every_instruction_set(isa, fmt):
-    previous = fastdw._C.cpu_capability()
-    try:
-        fastdw._C.set_cpu_capability(isa)
-    except ValueError:
-        pytest.skip(f"{isa} not supported here")
-    try:
-        for c, s in ((37, 9), (256, 64)):  # vector tails and full vectors
-            for dtype in (torch.float32, torch.float64):
-                se = _torchvision_se(c, s, "silu", "hardsigmoid", dtype)
-                _assert_same(fastdw.nn.SqueezeExcite.from_module(se), se, _input(2, c, 5, 7, fmt, dtype))
-    finally:
-        fastdw._C.set_cpu_capability(previous)
+def test_every_instruction_set(cpu_capability, fmt):
+    for c, s in ((37, 9), (256, 64)):  # vector tails and full vectors
+        for dtype in (torch.float32, torch.float64):
+            se = _torchvision_se(c, s, "silu", "hardsigmoid", dtype)
+            _assert_same(fastdw.nn.SqueezeExcite.from_module(se), se, _input(2, c, 5, 7, fmt, dtype))
 
 
-@needs_ext
+@requires_ext
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_result_does_not_depend_on_thread_count(fmt):
     se = fastdw.nn.SqueezeExcite.from_module(_torchvision_se(96, 24, "relu", "sigmoid", torch.float32))
@@ -299,7 +289,7 @@ def test_result_does_not_depend_on_thread_count(fmt):
         assert torch.equal(a, b)
 
 
-@needs_ext
+@requires_ext
 @pytest.mark.parametrize("shape", [(0, 8, 3, 3), (2, 8, 1, 1), (1, 1, 1, 1)])
 def test_edge_sizes(shape):
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
@@ -309,6 +299,29 @@ def test_edge_sizes(shape):
     torch.testing.assert_close(y, ref.se_scale(x, w1, None, w2, None, "relu", "sigmoid"))
     y.sum().backward()
     assert x.grad.shape == x.shape
+
+
+@requires_ext
+@pytest.mark.parametrize("shape, fmt", [((2, 12, 7), None), ((2, 12, 3, 2, 4), None),
+                                        ((2, 12, 3, 2, 4), torch.channels_last_3d)])
+def test_other_ranks(shape, fmt):
+    """[N, C, *]: the mean is over every position (3-D sequences, 5-D volumes, channels_last_3d)."""
+    x = torch.randn(shape, dtype=torch.float64)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    x.requires_grad_()
+    shapes = [(3, 12, 1, 1), (3,), (12, 3, 1, 1), (12,)]
+    params = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    gy = torch.randn_like(x)
+    results = []
+    for be in ("cpu", "reference"):
+        with fastdw.use_backend(be):
+            y = fastdw.ops.se_scale(x, *params, activation="silu", gate="hardsigmoid")
+            results.append((y, *torch.autograd.grad(y, (x, *params), gy)))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
+    if fmt is not None:
+        assert results[0][0].is_contiguous(memory_format=fmt)
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -355,7 +368,7 @@ def test_bad_activation_or_gate(kw, name):
         fastdw.nn.SqueezeExcite(8, 2, **kw)
 
 
-@needs_ext
+@requires_ext
 def test_bad_input_reaching_the_cpp_op_raises_python_errors():
     a = _good()
     with pytest.raises(ValueError, match="fc2_weight"):
@@ -366,6 +379,8 @@ def test_bad_input_reaching_the_cpp_op_raises_python_errors():
                                   "relu", "sigmoid")
     with pytest.raises(ValueError, match="gate"):
         torch.ops.fastdw.se_scale(a["x"], a["fc1_weight"], None, a["fc2_weight"], None, "relu", "tanh")
+    with pytest.raises(ValueError, match="fc2_weight"):
+        torch.ops.fastdw.se_scale(a["x"], a["fc1_weight"], None, torch.randn(8), None, "relu", "sigmoid")
 
 
 def test_from_module_rejects_unsupported_variants():

@@ -1,10 +1,11 @@
 // Channel shuffle kernels, written once with at::vec::Vectorized and compiled per instruction set
 // (csrc/cpu/isa/<isa>.cpp defines CPU_CAPABILITY and the -m flags). Pure data movement: one read
 // and one write of every element.
-//  * NCHW: every output plane is one memcpy of an input plane (channel j comes from
+//  * NCHW: every output plane is one vector copy of an input plane (channel j comes from
 //    (j % g) * (C / g) + j / g).
-//  * NHWC: every pixel's channel vector is transposed from [g][C/g] to [C/g][g]; g = 2 (and its
-//    inverse, C/g = 2) are vector interleaves / deinterleaves, other g a strided gather.
+//  * NHWC: every pixel's channel vector is transposed from [g][C/g] to [C/g][g]: g = 2 by vector
+//    interleaves, g = 3..8 by loops with a compile-time g (vectorised by the compiler), C/g = 2 by
+//    a deinterleave, other g by a scalar loop.
 //  * interleave (concat + shuffle(2) of two tensors): as above, reading a and b through their
 //    strides, so a channel slice of a bigger tensor (ShuffleNetV2's pass-through half) is read
 //    in place, not copied first.
@@ -28,6 +29,23 @@ using V = Vectorized<T>;
 // Elements per parallel task (a copy is cheap per element: bigger tasks than arithmetic kernels).
 constexpr int64_t kChunk = 32768;
 inline int64_t grain(int64_t per_task) { return std::max<int64_t>(1, kChunk / std::max<int64_t>(1, per_task)); }
+
+// d[0..n) = s[0..n): a vector loop, ~10% faster than memcpy for the 1-4 KB planes of these layers.
+template <typename T>
+inline void copy_n(const T* s, T* d, int64_t n) {
+  constexpr int64_t VL = V<T>::size();
+  int64_t i = 0;
+  for (; i + 4 * VL <= n; i += 4 * VL) {
+    const V<T> a = V<T>::loadu(s + i), b = V<T>::loadu(s + i + VL);
+    const V<T> c = V<T>::loadu(s + i + 2 * VL), e = V<T>::loadu(s + i + 3 * VL);
+    a.store(d + i);
+    b.store(d + i + VL);
+    c.store(d + i + 2 * VL);
+    e.store(d + i + 3 * VL);
+  }
+  for (; i + VL <= n; i += VL) V<T>::loadu(s + i).store(d + i);
+  for (; i < n; ++i) d[i] = s[i];
+}
 
 // o[2k] = a[k], o[2k + 1] = b[k] for k < n.
 template <typename T>
@@ -61,21 +79,40 @@ inline void deinterleave_row(const T* g, T* a, T* b, int64_t n) {
   }
 }
 
-// One pixel: o[k * g + i] = x[i * cg + k].
+// One pixel, G groups known at compile time: o[k * G + i] = x[i * cg + k]. With G a constant the
+// compiler vectorises the interleaved stores (near memcpy speed for G = 3..8; a runtime G is ~3x
+// slower). ATen's transpose_mxn is no help here: its masked 16 x 16 tiles are slower still.
+template <int G, typename T>
+inline void transpose_row_fixed(const T* x, T* o, int64_t cg) {
+  for (int64_t k = 0; k < cg; ++k)
+    for (int i = 0; i < G; ++i) o[k * G + i] = x[i * cg + k];
+}
+
+// One pixel: o[k * g + i] = x[i * cg + k], a g x cg -> cg x g transpose.
 template <typename T>
 inline void transpose_row(const T* x, T* o, int64_t g, int64_t cg) {
   if (g == 1 || cg == 1) {
     std::memcpy(o, x, sizeof(T) * g * cg);
-  } else if (g == 2) {
-    interleave_row(x, x + cg, o, cg);
-  } else if (cg == 2) {
+    return;
+  }
+  switch (g) {
+    case 2: interleave_row(x, x + cg, o, cg); return;
+    case 3: transpose_row_fixed<3>(x, o, cg); return;
+    case 4: transpose_row_fixed<4>(x, o, cg); return;
+    case 5: transpose_row_fixed<5>(x, o, cg); return;
+    case 6: transpose_row_fixed<6>(x, o, cg); return;
+    case 7: transpose_row_fixed<7>(x, o, cg); return;
+    case 8: transpose_row_fixed<8>(x, o, cg); return;
+    default: break;
+  }
+  if (cg == 2) {
     deinterleave_row(x, o, o + g, g);
-  } else {
-    for (int64_t i = 0; i < g; ++i) {
-      const T* src = x + i * cg;
-      T* dst = o + i;
-      for (int64_t k = 0; k < cg; ++k) dst[k * g] = src[k];
-    }
+    return;
+  }
+  for (int64_t i = 0; i < g; ++i) {
+    const T* src = x + i * cg;
+    T* dst = o + i;
+    for (int64_t k = 0; k < cg; ++k) dst[k * g] = src[k];
   }
 }
 
@@ -88,7 +125,7 @@ void shuffle(const ShuffleShape& s, const T* x, T* out) {
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t n = j / C, co = j % C;
         const int64_t ci = (co % g) * cg + co / g;
-        std::memcpy(out + j * inner, x + (n * C + ci) * inner, sizeof(T) * inner);
+        copy_n(x + (n * C + ci) * inner, out + j * inner, inner);
       }
     });
     return;
@@ -102,7 +139,7 @@ void shuffle(const ShuffleShape& s, const T* x, T* out) {
 template <typename T>
 inline void strided_copy(const T* src, int64_t st, T* dst, int64_t n) {
   if (st == 1) {
-    std::memcpy(dst, src, sizeof(T) * n);
+    copy_n(src, dst, n);
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = src[i * st];
   }
@@ -120,7 +157,7 @@ void interleave(const PairShape& s, const T* a, const T* b, T* out) {
         const T* src = (co % 2 ? b : a) + n * st[0] + (co / 2) * st[1];
         T* dst = out + j * H * W;
         if (st[3] == 1 && st[2] == W) {
-          std::memcpy(dst, src, sizeof(T) * H * W);
+          copy_n(src, dst, H * W);
         } else {
           for (int64_t h = 0; h < H; ++h) strided_copy(src + h * st[2], st[3], dst + h * W, W);
         }
@@ -155,7 +192,7 @@ void deinterleave(const PairShape& s, const T* g, T* ga, T* gb) {
     at::parallel_for(0, s.N * C2, grain(HW), [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t n = j / C2, co = j % C2;
-        std::memcpy((co % 2 ? gb : ga) + (n * C + co / 2) * HW, g + j * HW, sizeof(T) * HW);
+        copy_n(g + j * HW, (co % 2 ? gb : ga) + (n * C + co / 2) * HW, HW);
       }
     });
     return;

@@ -36,10 +36,27 @@ bool is_channels_last(const at::Tensor& x) {
   return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
 }
 
+// Per-channel parameters are tiny; read them straight from memory (no ATen op per call: the
+// fixed cost matters for the small layers of batch-1 inference).
+std::vector<double> as_doubles(const at::Tensor& t, int64_t n) {
+  std::vector<double> out(n);
+  const int64_t st = t.dim() > 0 ? t.stride(0) : 0;
+  if (t.scalar_type() == at::kFloat) {
+    const float* p = t.const_data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) out[i] = p[i * st];
+  } else if (t.scalar_type() == at::kDouble) {
+    const double* p = t.const_data_ptr<double>();
+    for (int64_t i = 0; i < n; ++i) out[i] = p[i * st];
+  } else {
+    at::Tensor d = t.detach().to(at::kDouble).contiguous();
+    std::copy(d.const_data_ptr<double>(), d.const_data_ptr<double>() + n, out.begin());
+  }
+  return out;
+}
+
 std::vector<double> as_doubles(const std::optional<at::Tensor>& t, int64_t n, double fill) {
   if (!t.has_value() || !t->defined()) return std::vector<double>(n, fill);
-  at::Tensor d = t->detach().to(at::kDouble).contiguous();
-  return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + n);
+  return as_doubles(*t, n);
 }
 
 void check_vec(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x, int64_t C) {
@@ -97,13 +114,37 @@ ConvShape make_shape(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef s
 // Weights in the kernel's layout: [C][taps] (NCHW) or [taps][C] (NHWC), each scaled by scale[c].
 template <typename T>
 std::vector<T> weights(const ConvShape& s, const at::Tensor& w, const std::vector<double>& scale) {
-  at::Tensor wd = w.detach().to(at::kDouble).reshape({s.C, s.taps()}).contiguous();
-  const double* p = wd.data_ptr<double>();
+  const std::vector<double> wd = as_doubles(w.contiguous().view({-1}), s.C * s.taps());
+  const double* p = wd.data();
   std::vector<T> out(s.C * s.taps());
   for (int64_t c = 0; c < s.C; ++c)
     for (int64_t t = 0; t < s.taps(); ++t)
       out[s.cl ? t * s.C + c : c * s.taps() + t] = static_cast<T>(p[c * s.taps() + t] * scale[c]);
   return out;
+}
+
+// Input channel c of the conv is channel src[c] of x when x is read through channel_shuffle(x, g).
+std::vector<int64_t> shuffle_sources(int64_t C, int64_t g) {
+  TORCH_CHECK_VALUE(g >= 1, "fastdw::dwconv_bn_act: shuffle_groups must be >= 1, got ", g);
+  TORCH_CHECK_VALUE(C % g == 0, "fastdw::dwconv_bn_act: shuffle_groups (", g, ") must divide the channels (", C, ")");
+  std::vector<int64_t> src(C);
+  const int64_t per = C / g;
+  for (int64_t c = 0; c < C; ++c) src[c] = (c % g) * per + c / g;
+  return src;
+}
+
+// NHWC inputs read through a shuffle are shuffled once up front (the NHWC kernel vectorises over
+// channels, so a per-channel indirection would turn every load into a gather).
+at::Tensor shuffled(const at::Tensor& x, int64_t g, at::MemoryFormat fmt) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  return x.view({N, g, C / g, H, W}).transpose(1, 2).reshape({N, C, H, W}).contiguous(fmt);
+}
+
+// Small NCHW planes (MobileNet's 7x7 and 14x14 layers) waste most of each vector along W and pay
+// a per-plane setup; there the channels_last kernel on a transposed copy is faster, transposes
+// included (the tensors are small). The result is returned in NCHW as usual.
+bool use_nhwc_for_small_planes(const ConvShape& s, int64_t shuffle_groups) {
+  return !s.cl && shuffle_groups == 1 && s.H * s.W <= 256 && s.C >= 8;
 }
 
 template <typename T>
@@ -121,8 +162,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var, bool training, double eps,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation) {
-  const ConvShape s = make_shape(x, weight, stride, padding, dilation);
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation,
+    int64_t shuffle_groups) {
+  ConvShape s = make_shape(x, weight, stride, padding, dilation);
+  const std::vector<int64_t> src = shuffle_sources(s.C, shuffle_groups);
+  const bool nchw_as_nhwc = use_nhwc_for_small_planes(s, shuffle_groups);
+  if (nchw_as_nhwc) s.cl = true;
   const Act act = parse_act(std::string(activation));
   for (auto [t, name] : {std::pair{&bias, "bias"}, {&bn_weight, "bn_weight"}, {&bn_bias, "bn_bias"},
                          {&mean, "mean"}, {&var, "var"}})
@@ -135,7 +180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
                     s.Ho, ", ", s.Wo, "]");
   const bool normalises = training || has_stats;
   const auto fmt = s.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor xc = x.contiguous(fmt);
+  at::Tensor xc = shuffle_groups > 1 && s.cl ? shuffled(x, shuffle_groups, fmt) : x.contiguous(fmt);
+  if (shuffle_groups > 1 && !s.cl) s.chan_src = src.data();
   at::Tensor out = at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(fmt));
   at::Tensor save_mean = at::empty({training ? s.C : 0}, x.options());
   at::Tensor save_var = at::empty({training ? s.C : 0}, x.options());
@@ -176,6 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
     const std::vector<T> bt = cast<T>(fb);
     k.forward(s, act, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>(), nullptr, nullptr);
   });
+  if (nchw_as_nhwc) out = out.contiguous();
   return {out, save_mean, save_var};
 }
 
@@ -184,8 +231,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var, bool training, double eps,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation,
-    std::array<bool, 5> mask) {
-  const ConvShape s = make_shape(x, weight, stride, padding, dilation);
+    std::array<bool, 5> mask, int64_t shuffle_groups) {
+  ConvShape s = make_shape(x, weight, stride, padding, dilation);
+  const std::vector<int64_t> src = shuffle_sources(s.C, shuffle_groups);
+  const bool nchw_as_nhwc = use_nhwc_for_small_planes(s, shuffle_groups);
+  if (nchw_as_nhwc) s.cl = true;
   const Act act = parse_act(std::string(activation));
   for (auto [t, name] : {std::pair{&bias, "bias"}, {&bn_weight, "bn_weight"}, {&bn_bias, "bn_bias"},
                          {&mean, "mean"}, {&var, "var"}})
@@ -198,7 +248,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   TORCH_CHECK_VALUE(!training || has_stats, "fastdw::dwconv_bn_act_backward: training needs the saved batch mean/var");
   const bool normalises = training || has_stats;
   const auto fmt = s.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor xc = x.contiguous(fmt);
+  const bool shuffle_copy = shuffle_groups > 1 && s.cl;
+  at::Tensor xc = shuffle_copy ? shuffled(x, shuffle_groups, fmt) : x.contiguous(fmt);
+  if (shuffle_groups > 1 && !s.cl) s.chan_src = src.data();
   at::Tensor go = grad_out.to(x.scalar_type()).contiguous(fmt);
   at::Tensor gx = mask[0] ? at::empty_like(xc, x.options().memory_format(fmt)) : at::empty({0}, x.options());
   at::Tensor gw = at::empty({mask[1] ? s.C : 0}, x.options());
@@ -220,41 +272,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     const auto& k = kernels<T>();
     const std::vector<double> ones(s.C, 1.0);
     const std::vector<T> w = weights<T>(s, weight, ones);
-    const std::vector<T> bt = cast<T>(b), mt = cast<T>(m), it = cast<T>(invstd), gt = cast<T>(g), bet = cast<T>(beta);
-    at::Tensor gy = at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(fmt));
-    at::Tensor xhat = training ? at::empty_like(gy) : at::Tensor();
-    k.backward_act(s, act, xc.const_data_ptr<T>(), w.data(), bt.data(), mt.data(), it.data(), gt.data(), bet.data(),
-                   go.const_data_ptr<T>(), gy.mutable_data_ptr<T>(), training ? xhat.mutable_data_ptr<T>() : nullptr,
-                   sum_gy.data(), sum_gyx.data());
-    std::vector<double> k1(s.C);
-    for (int64_t c = 0; c < s.C; ++c) k1[c] = g[c] * invstd[c];
-    std::vector<double> wscale(s.C, 1.0), post(s.C, 1.0);
-    if (training) {
-      // gz = k1 * (gy - mean(gy) - xhat * mean(gy * xhat)), in place into gy.
-      const double M = double(s.N * s.Ho * s.Wo);
-      std::vector<double> k2(s.C), k3(s.C);
-      for (int64_t c = 0; c < s.C; ++c) {
-        k2[c] = -k1[c] * sum_gyx[c] / M;
-        k3[c] = -k1[c] * sum_gy[c] / M;
-      }
-      const std::vector<T> a = cast<T>(k1), bb = cast<T>(k2), cc = cast<T>(k3);
-      k.bn_backward(s, gy.mutable_data_ptr<T>(), xhat.const_data_ptr<T>(), a.data(), bb.data(), cc.data());
+    // xhat = z * a1 + a0 with z the bias-free conv output; gz = k1 * g + k2 * xhat + k3.
+    std::vector<double> a1(s.C), a0(s.C), k1(s.C), k2(s.C, 0.0), k3(s.C, 0.0);
+    for (int64_t c = 0; c < s.C; ++c) {
+      a1[c] = invstd[c];
+      a0[c] = (b[c] - m[c]) * invstd[c];
+      k1[c] = g[c] * invstd[c];
+    }
+    const std::vector<T> a1t = cast<T>(a1), a0t = cast<T>(a0), gt = cast<T>(g), bet = cast<T>(beta);
+    std::vector<T> k1t = cast<T>(k1), k2t = cast<T>(k2), k3t = cast<T>(k3);
+    BwdParams<T> p{a1t.data(), a0t.data(), gt.data(), bet.data(), k1t.data(), k2t.data(), k3t.data()};
+    const bool need_gz = mask[0] || mask[1] || mask[2];
+    at::Tensor gz = need_gz ? at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(fmt)) : at::Tensor();
+    T* gzp = need_gz ? gz.mutable_data_ptr<T>() : nullptr;
+    const T* xp = xc.const_data_ptr<T>();
+    const T* gop = go.const_data_ptr<T>();
+    if (!training) {
+      // One pass: BN parameter sums and gz = k1 * g together.
+      k.backward_act(s, act, xp, w.data(), p, gop, gzp, sum_gy.data(), sum_gyx.data());
     } else {
-      // gz = k1 * gy: fold k1 into the weights for grad_input and scale the weight sums after.
-      wscale = k1;
-      post = k1;
-    }
-    if (mask[0]) {
-      const std::vector<T> wk = weights<T>(s, weight, wscale);
-      k.backward_input(s, gy.const_data_ptr<T>(), wk.data(), gx.mutable_data_ptr<T>());
-    }
-    if (mask[1] || mask[2]) {
-      k.backward_weight(s, xc.const_data_ptr<T>(), gy.const_data_ptr<T>(), dw.data(), db.data());
-      for (int64_t c = 0; c < s.C; ++c) {
-        for (int64_t t = 0; t < s.taps(); ++t) dw[c * s.taps() + t] *= post[c];
-        db[c] *= post[c];
+      // Pass 1: the sums; pass 2: gz = k1 * (g - mean(g) - xhat * mean(g * xhat)). The conv is
+      // recomputed twice rather than storing xhat: cheaper than writing and re-reading it.
+      k.backward_act(s, act, xp, w.data(), p, gop, nullptr, sum_gy.data(), sum_gyx.data());
+      if (need_gz) {
+        const double M = double(s.N * s.Ho * s.Wo);
+        for (int64_t c = 0; c < s.C; ++c) {
+          k2t[c] = static_cast<T>(-k1[c] * sum_gyx[c] / M);
+          k3t[c] = static_cast<T>(-k1[c] * sum_gy[c] / M);
+        }
+        k.backward_act(s, act, xp, w.data(), p, gop, gzp, nullptr, nullptr);
       }
     }
+    if (mask[0]) k.backward_input(s, gz.const_data_ptr<T>(), w.data(), gx.mutable_data_ptr<T>());
+    if (mask[1] || mask[2]) k.backward_weight(s, xp, gz.const_data_ptr<T>(), dw.data(), db.data());
   });
   auto to_tensor = [&](const std::vector<double>& v, at::IntArrayRef shape, at::ScalarType dt) {
     return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).reshape(shape).to(dt);
@@ -264,7 +314,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   gbw = mask[3] && bn_weight.has_value() ? to_tensor(sum_gyx, {s.C}, bn_weight->scalar_type())
                                          : at::empty({0}, x.options());
   gbb = mask[4] && bn_bias.has_value() ? to_tensor(sum_gy, {s.C}, bn_bias->scalar_type()) : at::empty({0}, x.options());
+  if (nchw_as_nhwc && mask[0]) gx = gx.contiguous();
   if (!mask[0]) gx = at::empty({0}, x.options());
+  else if (shuffle_copy) {
+    // gx holds the gradient of the shuffled copy: un-shuffle (the inverse is a shuffle by C / g).
+    gx = shuffled(gx, s.C / shuffle_groups, fmt);
+  }
   return {gx, gw, gb, gbw, gbb};
 }
 

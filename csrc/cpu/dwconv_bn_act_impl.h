@@ -240,45 +240,55 @@ struct PlaneBuf {
 inline PlaneBuf plane_buf_dims(const ConvShape& s, int64_t VL) {
   PlaneBuf b;
   b.rows = (s.Ho - 1) * s.SH + (s.KH - 1) * s.DH + 1;
-  const int64_t need = s.Wo + ((s.KW - 1) * s.DW) / s.SW + VL;
+  // wide enough for every tap load (+ one vector of slack) and for fill_plane_buf's vector stores
+  const int64_t need = std::max(s.Wo + ((s.KW - 1) * s.DW) / s.SW,
+                                (s.W + s.SW - 1) / s.SW + (s.PW + s.SW - 1) / s.SW + VL) + VL;
   b.cols = (need + VL - 1) / VL * VL;
   return b;
 }
 
 // buf[(j * rows + hp) * cols + q] = padded input at row hp, column q * SW + j (0 outside).
-// `row` is scratch of at least SW * cols + VL elements.
+// Stride 1 and 2 are vectorised (stride 2 splits even/odd input columns with one permute pair);
+// `row` is scratch of at least SW * cols + VL elements for other strides.
 template <typename T>
 inline void fill_plane_buf(const ConvShape& s, const PlaneBuf& d, const T* xp, T* buf, T* row) {
   constexpr int64_t VL = V<T>::size();
+  const V<T> zero(0);
+  // The buffer starts zeroed (PlaneScratch) and only the image region is ever written, so the
+  // padding stays zero from plane to plane.
   for (int64_t hp = 0; hp < d.rows; ++hp) {
     const int64_t hi = hp - s.PH;
-    if (hi < 0 || hi >= s.H) {
-      for (int64_t j = 0; j < s.SW; ++j) std::fill_n(buf + (j * d.rows + hp) * d.cols, d.cols, T(0));
-      continue;
-    }
+    if (hi < 0 || hi >= s.H) continue;
     const T* src = xp + hi * s.W;
-    // padded row: position q' = wi + PW for wi in [0, W), zero elsewhere, length SW * cols
-    const int64_t len = s.SW * d.cols;
-    T* dst0 = s.SW == 1 ? buf + hp * d.cols : row;
-    const int64_t q0 = std::min<int64_t>(len, s.PW);
-    const int64_t q1 = std::min<int64_t>(len, s.PW + s.W);
-    std::fill(dst0, dst0 + q0, T(0));
-    std::memcpy(dst0 + q0, src, sizeof(T) * std::max<int64_t>(0, q1 - q0));
-    std::fill(dst0 + std::max(q0, q1), dst0 + len, T(0));
-    if (s.SW == 1) continue;
-    if (s.SW == 2) {
-      T* e = buf + hp * d.cols;
-      T* o = buf + (d.rows + hp) * d.cols;
-      for (int64_t q = 0; q < d.cols; q += VL) {
-        auto [ev, od] = at::vec::deinterleave2(V<T>::loadu(row + 2 * q), V<T>::loadu(row + 2 * q + VL));
-        ev.store(e + q);
-        od.store(o + q);
+    if (s.SW == 1) {
+      T* dst = buf + hp * d.cols + s.PW;
+      const int64_t n = std::min(s.W, d.cols - s.PW - VL);
+      int64_t q = 0;
+      for (; q + VL <= n; q += VL) V<T>::loadu(src + q).store(dst + q);
+      if (q < n) V<T>::loadu(src + q, n - q).store(dst + q, n - q);
+    } else if (s.SW == 2) {
+      // input column wi = 2k (+1) lands in phase (PW (+1)) % 2 at q = k + (PW (+1)) / 2
+      T* ev = buf + ((s.PW % 2) * d.rows + hp) * d.cols + s.PW / 2;
+      T* od = buf + (((s.PW + 1) % 2) * d.rows + hp) * d.cols + (s.PW + 1) / 2;
+      for (int64_t k = 0; 2 * k < s.W; k += VL) {
+        const int64_t left = s.W - 2 * k;
+        const V<T> a = left >= VL ? V<T>::loadu(src + 2 * k) : V<T>::loadu(src + 2 * k, left);
+        const V<T> b = left >= 2 * VL ? V<T>::loadu(src + 2 * k + VL)
+                                      : (left > VL ? V<T>::loadu(src + 2 * k + VL, left - VL) : zero);
+        auto [e, o] = at::vec::deinterleave2(a, b);
+        e.store(ev + k);
+        o.store(od + k);
       }
-      continue;
-    }
-    for (int64_t j = 0; j < s.SW; ++j) {
-      T* dst = buf + (j * d.rows + hp) * d.cols;
-      for (int64_t q = 0; q < d.cols; ++q) dst[q] = row[q * s.SW + j];
+    } else {
+      (void)zero;
+      const int64_t len = s.SW * d.cols;
+      const int64_t q0 = std::min<int64_t>(len, s.PW), q1 = std::min<int64_t>(len, s.PW + s.W);
+      std::fill(row, row + len, T(0));
+      if (q1 > q0) std::memcpy(row + q0, src, sizeof(T) * (q1 - q0));
+      for (int64_t j = 0; j < s.SW; ++j) {
+        T* dst = buf + (j * d.rows + hp) * d.cols;
+        for (int64_t q = 0; q < d.cols; ++q) dst[q] = row[q * s.SW + j];
+      }
     }
   }
 }
@@ -492,7 +502,7 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
     const T* buf = sc.buf.data();
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c = p % C;
-      sc.fill(s, d, x + p * s.H * s.W);
+      sc.fill(s, d, x + s.in_plane(p));
       T* op = out + p * hw;
       const V<T> bv(b[c]);
       if (!stats) {
@@ -584,30 +594,25 @@ void scale_shift_act(const ConvShape& s, Act a, T* out, const T* scale, const T*
   dispatch_act(a, [&](auto A) { scale_shift_act_impl<T, decltype(A)::value>(s, out, scale, shift); });
 }
 
-template <typename T>
-void bn_backward(const ConvShape& s, T* g, const T* xhat, const T* k1, const T* k2, const T* k3) {
-  for_each_output<T>(s, [&](int64_t i, int64_t c, int64_t cnt, bool vec_c) {
-    V<T> a = vec_c ? load(k1 + c, cnt) : V<T>(k1[c]);
-    V<T> bb = vec_c ? load(k2 + c, cnt) : V<T>(k2[c]);
-    V<T> cc = vec_c ? load(k3 + c, cnt) : V<T>(k3[c]);
-    store(at::vec::fmadd(a, load(g + i, cnt), at::vec::fmadd(bb, load(xhat + i, cnt), cc)), g + i, cnt);
-  });
-}
+// ---- backward: recompute, activation, BN backward --------------------------------------------
 
-// ---- backward: recompute, activation and BN-parameter sums -------------------------------------
-
+// One pass per call: recompute z = conv(x, w) (no bias: it is inside p.a0), xhat = z * a1 + a0,
+// y = xhat * gamma + beta, g = grad_out * act'(y). If sums: accumulate sum(g) and sum(g * xhat)
+// per channel. If out: store k1 * g + k2 * xhat + k3 (the conv-output gradient; in eval k2 = k3 = 0).
 template <typename T, int A>
-void backward_act_impl(const ConvShape& s, const T* x, const T* w, const T* b, const T* mean, const T* invstd,
-                       const T* gamma, const T* beta, const T* go, T* gy, T* xhat, double* sum_gy,
-                       double* sum_gyx) {
+void backward_act_impl(const ConvShape& s, const T* x, const T* w, const BwdParams<T>& p, const T* go, T* out,
+                       double* sum_gy, double* sum_gyx) {
   constexpr int64_t VL = V<T>::size();
   const int64_t C = s.C;
-  std::fill(sum_gy, sum_gy + C, 0.0);
-  std::fill(sum_gyx, sum_gyx + C, 0.0);
+  const bool sums = sum_gy != nullptr;
+  if (sums) {
+    std::fill(sum_gy, sum_gy + C, 0.0);
+    std::fill(sum_gyx, sum_gyx + C, 0.0);
+  }
   if (s.N == 0) return;
   if (s.cl) {
     const int nt = at::get_num_threads();
-    std::vector<double> t1(nt * C, 0.0), t2(nt * C, 0.0);
+    std::vector<double> t1(sums ? nt * C : 0, 0.0), t2(sums ? nt * C : 0, 0.0);
     at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C * s.taps()), [&](int64_t r0, int64_t r1) {
       std::vector<T> r1s(C), r2s(C);
       const int tid = at::get_thread_num();
@@ -617,74 +622,81 @@ void backward_act_impl(const ConvShape& s, const T* x, const T* w, const T* b, c
         const int64_t base = r * s.Wo * C;
         nhwc_conv_row(s, x, w, r / s.Ho, r % s.Ho, [&](int64_t wo, int64_t c, int64_t cnt, V<T> acc) {
           const int64_t i = base + wo * C + c;
-          V<T> xh = (acc + load(b + c, cnt) - load(mean + c, cnt)) * load(invstd + c, cnt);
-          V<T> y = at::vec::fmadd(xh, load(gamma + c, cnt), load(beta + c, cnt));
-          V<T> g = act_bwd<A>(load(go + i, cnt), y);
-          store(g, gy + i, cnt);
-          if (xhat) store(xh, xhat + i, cnt);
-          store(load(r1s.data() + c, cnt) + g, r1s.data() + c, cnt);
-          store(at::vec::fmadd(g, xh, load(r2s.data() + c, cnt)), r2s.data() + c, cnt);
+          const V<T> xh = at::vec::fmadd(acc, load(p.a1 + c, cnt), load(p.a0 + c, cnt));
+          const V<T> g = act_bwd<A>(load(go + i, cnt), at::vec::fmadd(xh, load(p.gamma + c, cnt), load(p.beta + c, cnt)));
+          if (out)
+            store(at::vec::fmadd(load(p.k1 + c, cnt), g, at::vec::fmadd(load(p.k2 + c, cnt), xh, load(p.k3 + c, cnt))),
+                  out + i, cnt);
+          if (sums) {
+            store(load(r1s.data() + c, cnt) + g, r1s.data() + c, cnt);
+            store(at::vec::fmadd(g, xh, load(r2s.data() + c, cnt)), r2s.data() + c, cnt);
+          }
         });
-        for (int64_t c = 0; c < C; ++c) {
-          t1[tid * C + c] += r1s[c];
-          t2[tid * C + c] += r2s[c];
-        }
+        if (sums)
+          for (int64_t c = 0; c < C; ++c) {
+            t1[tid * C + c] += r1s[c];
+            t2[tid * C + c] += r2s[c];
+          }
       }
     });
-    for (int t = 0; t < nt; ++t)
-      for (int64_t c = 0; c < C; ++c) {
-        sum_gy[c] += t1[t * C + c];
-        sum_gyx[c] += t2[t * C + c];
-      }
+    if (sums)
+      for (int t = 0; t < nt; ++t)
+        for (int64_t c = 0; c < C; ++c) {
+          sum_gy[c] += t1[t * C + c];
+          sum_gyx[c] += t2[t * C + c];
+        }
     return;
   }
   const PlaneBuf d = plane_buf_dims(s, VL);
   const int64_t planes = s.N * C, hw = s.Ho * s.Wo;
-  std::vector<double> p1(planes), p2(planes);
+  std::vector<double> p1(sums ? planes : 0), p2(sums ? planes : 0);
   const std::vector<int64_t> off = plane_offsets(s, d);
   at::parallel_for(0, planes, grain_for(hw * s.taps()), [&](int64_t q0, int64_t q1) {
     PlaneScratch<T> sc(s, d);
     const T* buf = sc.buf.data();
-    for (int64_t p = q0; p < q1; ++p) {
-      const int64_t c = p % C;
-      sc.fill(s, d, x + p * s.H * s.W);
-      const V<T> bm(b[c] - mean[c]), is(invstd[c]), ga(gamma[c]), be(beta[c]);
-      double a1 = 0, a2 = 0;
+    for (int64_t pl = q0; pl < q1; ++pl) {
+      const int64_t c = pl % C;
+      sc.fill(s, d, x + s.in_plane(pl));
+      const V<T> a1(p.a1[c]), a0(p.a0[c]), ga(p.gamma[c]), be(p.beta[c]), k1(p.k1[c]), k2(p.k2[c]), k3(p.k3[c]);
+      double s1 = 0, s2 = 0;
       V<T> v1(0), v2(0);
       int64_t cur = 0;
-      const int64_t pbase = p * hw;
+      const int64_t pbase = pl * hw;
       nchw_conv_plane(s, d, off, buf, w + c * s.taps(), [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
-        if (ho >= cur + 16) {  // flush the vector sums to double every 16 rows
-          a1 += hsum(v1, VL);
-          a2 += hsum(v2, VL);
-          v1 = v2 = V<T>(0);
-          cur = ho;
-        }
         const int64_t i = pbase + ho * s.Wo + wo;
-        V<T> xh = (acc + bm) * is;
-        V<T> g = V<T>::set(V<T>(0), act_bwd<A>(load(go + i, cnt), at::vec::fmadd(xh, ga, be)), cnt);
-        store(g, gy + i, cnt);
-        if (xhat) store(xh, xhat + i, cnt);
-        v1 = v1 + g;
-        v2 = at::vec::fmadd(g, xh, v2);
+        const V<T> xh = at::vec::fmadd(acc, a1, a0);
+        const V<T> g = act_bwd<A>(load(go + i, cnt), at::vec::fmadd(xh, ga, be));
+        if (out) store(at::vec::fmadd(k1, g, at::vec::fmadd(k2, xh, k3)), out + i, cnt);
+        if (sums) {
+          if (ho >= cur + 16) {  // flush the vector sums to double every 16 rows
+            s1 += hsum(v1, VL);
+            s2 += hsum(v2, VL);
+            v1 = v2 = V<T>(0);
+            cur = ho;
+          }
+          const V<T> gm = V<T>::set(V<T>(0), g, cnt);  // lanes past the row end hold garbage
+          v1 = v1 + gm;
+          v2 = at::vec::fmadd(gm, xh, v2);
+        }
       });
-      p1[p] = a1 + hsum(v1, VL);
-      p2[p] = a2 + hsum(v2, VL);
+      if (sums) {
+        p1[pl] = s1 + hsum(v1, VL);
+        p2[pl] = s2 + hsum(v2, VL);
+      }
     }
   });
-  for (int64_t in = 0; in < s.N; ++in)
-    for (int64_t c = 0; c < C; ++c) {
-      sum_gy[c] += p1[in * C + c];
-      sum_gyx[c] += p2[in * C + c];
-    }
+  if (sums)
+    for (int64_t n = 0; n < s.N; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        sum_gy[c] += p1[n * C + c];
+        sum_gyx[c] += p2[n * C + c];
+      }
 }
 
 template <typename T>
-void backward_act(const ConvShape& s, Act a, const T* x, const T* w, const T* b, const T* mean, const T* invstd,
-                  const T* gamma, const T* beta, const T* go, T* gy, T* xhat, double* sum_gy, double* sum_gyx) {
-  dispatch_act(a, [&](auto A) {
-    backward_act_impl<T, decltype(A)::value>(s, x, w, b, mean, invstd, gamma, beta, go, gy, xhat, sum_gy, sum_gyx);
-  });
+void backward_act(const ConvShape& s, Act a, const T* x, const T* w, const BwdParams<T>& p, const T* go, T* out,
+                  double* sum_gy, double* sum_gyx) {
+  dispatch_act(a, [&](auto A) { backward_act_impl<T, decltype(A)::value>(s, x, w, p, go, out, sum_gy, sum_gyx); });
 }
 
 // ---- backward: input gradient (transposed depthwise conv, as a gather) ------------------------
@@ -780,7 +792,7 @@ void backward_input(const ConvShape& s, const T* gz, const T* w, T* gx) {
           }
         }
       }
-      T* gp = gx + p * s.H * s.W;
+      T* gp = gx + s.in_plane(p);
       auto epi = [&](int64_t hi, int64_t wi, int64_t cnt, V<T> acc) { store(acc, gp + hi * s.W + wi, cnt); };
       const T* wc = w + (p % C) * taps;
       for (int64_t t = 0; t < taps; ++t) wflip[taps - 1 - t] = wc[t];
@@ -922,7 +934,7 @@ void backward_weight(const ConvShape& s, const T* x, const T* gz, double* gw, do
   at::parallel_for(0, planes, grain_for(hw * taps), [&](int64_t p0, int64_t p1) {
     PlaneScratch<T> sc(s, d);
     for (int64_t p = p0; p < p1; ++p) {
-      sc.fill(s, d, x + p * s.H * s.W);
+      sc.fill(s, d, x + s.in_plane(p));
       double* out = pw.data() + p * (taps + 1);
       const T* g = gz + p * hw;
       switch (taps) {
@@ -942,7 +954,7 @@ void backward_weight(const ConvShape& s, const T* x, const T* gz, double* gw, do
 
 template <typename T>
 constexpr DWKernels<T> make_kernels() {
-  return DWKernels<T>{&forward<T>, &scale_shift_act<T>, &backward_act<T>, &bn_backward<T>, &backward_input<T>,
+  return DWKernels<T>{&forward<T>, &scale_shift_act<T>, &backward_act<T>, &backward_input<T>,
                       &backward_weight<T>};
 }
 

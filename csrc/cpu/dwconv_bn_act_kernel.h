@@ -15,7 +15,21 @@ struct ConvShape {
   int64_t N, C, H, W, Ho, Wo;
   int64_t KH, KW, SH, SW, PH, PW, DH, DW;
   bool cl;  // channels_last (NHWC) data; weights are then laid out [KH*KW][C], else [C][KH*KW]
+  // NCHW only: channel c of the conv reads input plane chan_src[c] (and writes its input gradient
+  // there): a channel shuffle absorbed into the read. nullptr = identity.
+  const int64_t* chan_src = nullptr;
   int64_t taps() const { return KH * KW; }
+  // Offset of input plane (n, c) in an NCHW tensor, through chan_src.
+  int64_t in_plane(int64_t p) const {
+    const int64_t n = p / C, c = p - n * C;
+    return (n * C + (chan_src ? chan_src[c] : c)) * H * W;
+  }
+};
+
+// Per-channel vectors of the backward pass (length C each).
+template <typename T>
+struct BwdParams {
+  const T *a1, *a0, *gamma, *beta, *k1, *k2, *k3;
 };
 
 template <typename T>
@@ -26,13 +40,11 @@ struct DWKernels {
                   double* var);
   // out = act(out * scale[c] + shift[c]), in place.
   void (*scale_shift_act)(const ConvShape&, Act, T* out, const T* scale, const T* shift);
-  // Recompute z = conv(x, w) + b; xhat = (z - mean) * invstd; y = xhat * gamma + beta;
-  // gy = grad_out * act'(y). Stores gy (and xhat if non-null); sums gy and gy * xhat per channel.
-  void (*backward_act)(const ConvShape&, Act, const T* x, const T* w, const T* b, const T* mean,
-                       const T* invstd, const T* gamma, const T* beta, const T* grad_out, T* gy,
-                       T* xhat, double* sum_gy, double* sum_gy_xhat);
-  // g = k1[c] * g + k2[c] * xhat + k3[c], in place (BatchNorm backward with batch statistics).
-  void (*bn_backward)(const ConvShape&, T* g, const T* xhat, const T* k1, const T* k2, const T* k3);
+  // Recompute z = conv(x, w), xhat = z * a1 + a0, y = xhat * gamma + beta, g = grad_out * act'(y).
+  // out (nullable): k1 * g + k2 * xhat + k3, the conv-output gradient. sum_gy/sum_gy_xhat
+  // (nullable): per-channel sums of g and g * xhat (the BN parameter gradients).
+  void (*backward_act)(const ConvShape&, Act, const T* x, const T* w, const BwdParams<T>& p, const T* grad_out,
+                       T* out, double* sum_gy, double* sum_gy_xhat);
   // grad_input = conv_transpose(gz, w) (a gather, so threads never write the same element).
   void (*backward_input)(const ConvShape&, const T* gz, const T* w, T* gx);
   // grad_weight[c][tap] and grad_bias[c] as double sums over N, Ho, Wo (deterministic order).

@@ -47,8 +47,8 @@ void check_same(const at::Tensor& t, const char* name, const at::Tensor& x) {
 // A 1x1 conv weight [rows, cols, 1, 1] (or a Linear weight [rows, cols]).
 void check_fc(const at::Tensor& w, const char* name, const at::Tensor& x, int64_t rows, int64_t cols) {
   check_same(w, name, x);
-  const bool ok = w.size(0) == rows && w.size(1) == cols &&
-                  (w.dim() == 2 || (w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1));
+  const bool ok = (w.dim() == 2 || (w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1)) && w.size(0) == rows &&
+                  w.size(1) == cols;
   TORCH_CHECK_VALUE(ok, "fastdw::se_scale: ", name, " must have shape [", rows, ", ", cols, ", 1, 1], got ",
                     w.sizes());
 }

@@ -3,14 +3,15 @@
 //
 // The op makes exactly two passes over x (pool, then scale); everything between works on
 // [N][C] and [N][S] vectors and the two small FC matrices.
-//  * channel_sums, NCHW: one task = one (n, c) plane, four vector accumulators.
-//    NHWC: one task = (n, block of pixels); a block of 4 channel vectors is accumulated in
-//    registers while walking the pixels, per-block partial sums are merged in double in a fixed
-//    order, so batch 1 splits across threads and results do not depend on scheduling.
+//  * channel_sums, NCHW: one task = VL planes, four vector accumulators per plane, the VL
+//    partial-sum vectors reduced together (reduce_lanes). NHWC: one task = (n, block of pixels);
+//    a block of 4 channel vectors is accumulated in registers while walking the pixels, per-block
+//    partial sums are merged in double in a fixed order, so batch 1 splits across threads and
+//    results do not depend on scheduling.
 //  * scale: NCHW one plane times a scalar; NHWC one pixel row times the sample's gate vector.
-//  * excite / excite_backward: the 1x1 "convolutions" of SE on the pooled vectors, as
-//    row-parallel dot products (forward, weight gradients) and column-parallel axpys (gradients
-//    of the inputs), so each weight row is read once for the whole batch.
+//  * excite / excite_backward: the 1x1 "convolutions" of SE on the pooled vectors: blocks of VL
+//    dot products reduced together (forward), row-parallel outer products (weight gradients) and
+//    column-parallel axpys (input gradients), so each weight row is read once per sample.
 // Helpers live in namespace `se` because every op's impl header shares one translation unit.
 #pragma once
 
@@ -19,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/se_scale_kernel.h"
@@ -38,13 +40,37 @@ template <typename T>
 inline void store(const V<T>& v, T* p, int64_t n) {
   if (n == V<T>::size()) v.store(p); else v.store(p, n);
 }
+// Pairwise, so the adds of one level are independent (a serial sum of 16 lanes is ~60 cycles of
+// latency, which dominated the small FCs and the per-plane sums).
 template <typename T>
 inline T hsum(const V<T>& v) {
-  alignas(64) T tmp[V<T>::size()];
-  v.store(tmp);
-  T s = 0;
-  for (int64_t i = 0; i < V<T>::size(); ++i) s += tmp[i];
-  return s;
+  alignas(64) T t[V<T>::size()];
+  v.store(t);
+  for (int64_t w = V<T>::size() / 2; w > 0; w /= 2)
+    for (int64_t i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+}
+
+// Lane l of the result = sum of the lanes of acc[l], for VL vectors acc[0..VL): log2(VL) rounds of
+// interleave2 + add instead of VL horizontal sums. Each round pairs neighbours, which leaves the
+// rows in bit-reversed lane order, so the inputs are taken in bit-reversed order.
+constexpr int64_t bit_reverse(int64_t i, int64_t n) {
+  int64_t r = 0;
+  for (int64_t b = 1; b < n; b <<= 1) r = (r << 1) | ((i & b) ? 1 : 0);
+  return r;
+}
+template <typename T>
+inline V<T> reduce_lanes(const V<T>* acc) {
+  constexpr int64_t VL = V<T>::size();
+  V<T> t[VL];
+  for (int64_t p = 0; p < VL; ++p) t[p] = acc[bit_reverse(p, VL)];
+  for (int64_t n = VL; n > 1; n /= 2) {
+    for (int64_t i = 0; i < n / 2; ++i) {
+      auto [lo, hi] = at::vec::interleave2(t[2 * i], t[2 * i + 1]);
+      t[i] = lo + hi;
+    }
+  }
+  return t[0];
 }
 
 // Elements per parallel task: enough to amortise scheduling, few enough that batch 1 and the
@@ -97,20 +123,33 @@ void channel_sums_impl(const SEShape& s, const T* x, const T* y, double* sums) {
   constexpr int64_t VL = V<T>::size();
   const int64_t C = s.C, HW = s.HW;
   if (!s.cl) {
-    at::parallel_for(0, s.N * C, grain(HW), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const T* xp = x + p * HW;
-        const T* yp = Prod ? y + p * HW : nullptr;
-        V<T> a0(0), a1(0), a2(0), a3(0);
-        int64_t i = 0;
-        for (; i + 4 * VL <= HW; i += 4 * VL) {
-          a0 = a0 + term<T, Prod>(xp, yp, i);
-          a1 = a1 + term<T, Prod>(xp, yp, i + VL);
-          a2 = a2 + term<T, Prod>(xp, yp, i + 2 * VL);
-          a3 = a3 + term<T, Prod>(xp, yp, i + 3 * VL);
+    // Tasks are blocks of VL planes, whose VL partial-sum vectors are reduced together.
+    const int64_t P = s.N * C, nblk = (P + VL - 1) / VL;
+    at::parallel_for(0, nblk, grain(VL * HW), [&](int64_t b0, int64_t b1) {
+      V<T> acc[VL];
+      alignas(64) T out[VL];
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t p0 = blk * VL, np = std::min(VL, P - p0);
+        for (int64_t j = 0; j < VL; ++j) {
+          if (j >= np) {
+            acc[j] = V<T>(0);
+            continue;
+          }
+          const T* xp = x + (p0 + j) * HW;
+          const T* yp = Prod ? y + (p0 + j) * HW : nullptr;
+          V<T> a0(0), a1(0), a2(0), a3(0);
+          int64_t i = 0;
+          for (; i + 4 * VL <= HW; i += 4 * VL) {
+            a0 = a0 + term<T, Prod>(xp, yp, i);
+            a1 = a1 + term<T, Prod>(xp, yp, i + VL);
+            a2 = a2 + term<T, Prod>(xp, yp, i + 2 * VL);
+            a3 = a3 + term<T, Prod>(xp, yp, i + 3 * VL);
+          }
+          for (; i < HW; i += VL) a0 = a0 + term<T, Prod>(xp, yp, i, std::min(VL, HW - i));
+          acc[j] = (a0 + a1) + (a2 + a3);
         }
-        for (; i < HW; i += VL) a0 = a0 + term<T, Prod>(xp, yp, i, std::min(VL, HW - i));
-        sums[p] = double(hsum((a0 + a1) + (a2 + a3)));
+        reduce_lanes(acc).store(out);
+        for (int64_t j = 0; j < np; ++j) sums[p0 + j] = double(out[j]);
       }
     });
     return;
@@ -129,6 +168,22 @@ void channel_sums_impl(const SEShape& s, const T* x, const T* y, double* sums) {
       for (int64_t c0 = 0; c0 < C; c0 += 4 * VL) {
         const int64_t w = std::min(4 * VL, C - c0);
         V<T> a0(0), a1(0), a2(0), a3(0);
+        // J = number of vectors in this channel block (the last one possibly partial), fixed at
+        // compile time so the pixel loop keeps its accumulators in registers.
+        auto walk = [&](auto J) {
+          constexpr int64_t nv = decltype(J)::value;
+          const int64_t last = w - (nv - 1) * VL;  // lanes of the last vector
+          for (int64_t px = px0; px < px1; ++px) {
+            const int64_t i = px * C + c0;
+            if constexpr (nv == 4) a3 = a3 + term<T, Prod>(xb, yb, i + 3 * VL, last);
+            if constexpr (nv == 3) a2 = a2 + term<T, Prod>(xb, yb, i + 2 * VL, last);
+            if constexpr (nv >= 4) a2 = a2 + term<T, Prod>(xb, yb, i + 2 * VL);
+            if constexpr (nv == 2) a1 = a1 + term<T, Prod>(xb, yb, i + VL, last);
+            if constexpr (nv >= 3) a1 = a1 + term<T, Prod>(xb, yb, i + VL);
+            if constexpr (nv == 1) a0 = a0 + term<T, Prod>(xb, yb, i, last);
+            if constexpr (nv >= 2) a0 = a0 + term<T, Prod>(xb, yb, i);
+          }
+        };
         if (w == 4 * VL) {
           for (int64_t px = px0; px < px1; ++px) {
             const int64_t i = px * C + c0;
@@ -138,11 +193,11 @@ void channel_sums_impl(const SEShape& s, const T* x, const T* y, double* sums) {
             a3 = a3 + term<T, Prod>(xb, yb, i + 3 * VL);
           }
         } else {
-          V<T>* acc[4] = {&a0, &a1, &a2, &a3};
-          for (int64_t px = px0; px < px1; ++px) {
-            const int64_t i = px * C + c0;
-            for (int64_t j = 0; j * VL < w; ++j)
-              *acc[j] = *acc[j] + term<T, Prod>(xb, yb, i + j * VL, std::min(VL, w - j * VL));
+          switch ((w + VL - 1) / VL) {
+            case 1: walk(std::integral_constant<int64_t, 1>{}); break;
+            case 2: walk(std::integral_constant<int64_t, 2>{}); break;
+            case 3: walk(std::integral_constant<int64_t, 3>{}); break;
+            default: walk(std::integral_constant<int64_t, 4>{}); break;
           }
         }
         a0.store(tmp);
@@ -242,13 +297,36 @@ inline T dot(const T* a, const T* b, int64_t n) {
   return hsum(a0 + a1);
 }
 
-// out[n][r] = dot(W[r], v[n]) + bias[r]. W: [R][K], v: [N][K], out: [N][R]. Parallel over rows,
-// so each row of W is read once for the whole batch.
+// out[n][r] = dot(W[r], v[n]) + bias[r]. W: [R][K], v: [N][K], out: [N][R]. Parallel over blocks
+// of VL rows: VL dot products run side by side (each row of W read once per sample while the block
+// is cache resident) and are reduced together into one vector of VL outputs, no horizontal sums.
 template <typename T>
 void rows_dot(int64_t N, int64_t R, int64_t K, const T* W, const T* v, const T* bias, T* out) {
-  at::parallel_for(0, R, grain(N * K), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t n = 0; n < N; ++n) out[n * R + r] = dot(W + r * K, v + n * K, K) + bias[r];
+  constexpr int64_t VL = V<T>::size();
+  at::parallel_for(0, (R + VL - 1) / VL, grain(VL * N * K), [&](int64_t b0, int64_t b1) {
+    V<T> acc[VL];
+    alignas(64) T res[VL];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * VL;
+      if (r0 + VL > R) {
+        for (int64_t r = r0; r < R; ++r)
+          for (int64_t n = 0; n < N; ++n) out[n * R + r] = dot(W + r * K, v + n * K, K) + bias[r];
+        continue;
+      }
+      const T* w = W + r0 * K;
+      const V<T> bv = V<T>::loadu(bias + r0);
+      for (int64_t n = 0; n < N; ++n) {
+        const T* vn = v + n * K;
+        for (int64_t j = 0; j < VL; ++j) acc[j] = V<T>(0);
+        for (int64_t k = 0; k < K; k += VL) {
+          const int64_t cnt = std::min(VL, K - k);
+          const V<T> x = load(vn + k, cnt);
+          for (int64_t j = 0; j < VL; ++j) acc[j] = at::vec::fmadd(load(w + j * K + k, cnt), x, acc[j]);
+        }
+        (reduce_lanes(acc) + bv).store(res);
+        for (int64_t j = 0; j < VL; ++j) out[n * R + r0 + j] = res[j];
+      }
+    }
   });
 }
 

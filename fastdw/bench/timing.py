@@ -36,6 +36,17 @@ def denormals_flushed(numel: int = 1 << 22) -> bool:
     return not bool((x * 2).view(torch.int32).ne(0).any())
 
 
+_clock = time.perf_counter
+
+
+def use_cpu_time(enabled: bool = True) -> None:
+    """Time with the calling thread's CPU time instead of wall time. Only meaningful with one
+    thread (all work on the calling thread); it makes single-thread comparisons robust to other
+    processes competing for the cores, which wall-clock medians are not."""
+    global _clock
+    _clock = time.thread_time if enabled else time.perf_counter
+
+
 def interleaved(fns: dict[str, Callable[[], object]], reps: int = 30, warmup: int = 3,
                 min_time: float = 0.0, spread: dict[str, float] | None = None) -> dict[str, float]:
     """Median milliseconds of each callable, timed round-robin. ``min_time`` (s) repeats a whole
@@ -47,20 +58,20 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int = 30, warmup: in
     inner = 1
     if min_time > 0:
         while True:
-            t0 = time.perf_counter()
+            t0 = _clock()
             for _ in range(inner):
                 for f in fns.values():
                     f()
-            if time.perf_counter() - t0 >= min_time or inner >= 1 << 12:
+            if _clock() - t0 >= min_time or inner >= 1 << 12:
                 break
             inner *= 2
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = _clock()
             for _ in range(inner):
                 f()
-            samples[k].append((time.perf_counter() - t0) * 1e3 / inner)
+            samples[k].append((_clock() - t0) * 1e3 / inner)
     medians = {k: statistics.median(v) for k, v in samples.items()}
     if spread is not None:
         for k, v in samples.items():

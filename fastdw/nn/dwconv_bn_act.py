@@ -34,7 +34,8 @@ class DWConvBNAct(nn.Sequential):
 
     def __init__(self, channels: int, kernel_size: int = 3, stride: int = 1, padding: int | None = None,
                  dilation: int = 1, activation: str = "relu6", bn: bool = True, bias: bool = False,
-                 eps: float = 1e-5, momentum: float | None = 0.1) -> None:
+                 eps: float = 1e-5, momentum: float | None = 0.1,
+                 input_shuffle_groups: int | None = None) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if padding is None:
@@ -47,11 +48,15 @@ class DWConvBNAct(nn.Sequential):
             layers.append(_ACT_MODULES[activation]())
         super().__init__(*layers)
         self.activation = activation
+        self.input_shuffle_groups = input_shuffle_groups
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None,
-                     act: nn.Module | None = None) -> DWConvBNAct:
-        """Wrap existing modules; parameters and buffers are shared, not copied."""
+                     act: nn.Module | None = None, *, input_shuffle_groups: int | None = None) -> DWConvBNAct:
+        """Wrap existing modules; parameters and buffers are shared, not copied.
+
+        ``input_shuffle_groups=g``: the block computes ``conv(channel_shuffle(x, g))`` (then BN and
+        activation) reading its input through the shuffle, as in ShuffleNetV1 units."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         c = conv.in_channels
@@ -70,6 +75,7 @@ class DWConvBNAct(nn.Sequential):
         layers = [m for m in (conv, bn, act) if m is not None]
         nn.Sequential.__init__(self, *layers)
         self.activation = name
+        self.input_shuffle_groups = input_shuffle_groups
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +84,8 @@ class DWConvBNAct(nn.Sequential):
         if bn is None:
             return ops.dwconv_bn_act(x, conv.weight, conv.bias, stride=conv.stride,
                                      padding=_conv_padding(conv), dilation=conv.dilation,
-                                     activation=self.activation)
+                                     activation=self.activation,
+                                     input_shuffle_groups=self.input_shuffle_groups)
         training = bn.training or (bn.running_mean is None and bn.running_var is None)
         use_running = not bn.training or bn.track_running_stats
         return ops.dwconv_bn_act(
@@ -87,10 +94,12 @@ class DWConvBNAct(nn.Sequential):
             training=training, momentum=bn.momentum, eps=bn.eps, stride=conv.stride,
             padding=_conv_padding(conv), dilation=conv.dilation, activation=self.activation,
             num_batches_tracked=bn.num_batches_tracked if (bn.training and bn.track_running_stats) else None,
+            input_shuffle_groups=self.input_shuffle_groups,
         )
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation!r}"
+        extra = f", input_shuffle_groups={self.input_shuffle_groups}" if self.input_shuffle_groups else ""
+        return f"activation={self.activation!r}{extra}"
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:

@@ -67,18 +67,53 @@ def match_dwconv_bn_act(children: Sequence[nn.Module], i: int) -> tuple[DWConvBN
     return (fused, 2) if isinstance(fused, DWConvBNAct) else None
 
 
+# oneDNN's fused conv + bias + activation (the op torch.compile's CPU backend calls): one pass over
+# the output instead of three (conv, BN, activation) in eager PyTorch. Used without autograd for
+# float32 channels_last inputs only, where it beats conv2d + in-place activation; probed once.
+_ONEDNN_ATTRS = {"relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]), "hardswish": ("hardswish", []),
+                 "silu": ("swish", []), "none": ("none", [])}
+_onednn_ok: bool | None = None
+
+
+def _onednn_usable() -> bool:
+    global _onednn_ok
+    if _onednn_ok is None:
+        try:
+            x = torch.ones(1, 2, 2, 2).contiguous(memory_format=torch.channels_last)
+            w = torch.ones(2, 2, 1, 1).contiguous(memory_format=torch.channels_last)
+            packed = torch.ops.mkldnn._reorder_convolution_weight(w, [0, 0], [1, 1], [1, 1], 1, list(x.shape))
+            y = torch.ops.mkldnn._convolution_pointwise(x, packed, torch.zeros(2), [0, 0], [1, 1], [1, 1], 1,
+                                                        "relu", [], "")
+            _onednn_ok = bool(torch.equal(y, torch.full_like(y, 2.0)))
+        except Exception:  # not built with oneDNN, or the private op changed: plain conv2d then
+            _onednn_ok = False
+    return _onednn_ok
+
+
+def _channels_last_view(x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` as a dense channels_last tensor if it is laid out channels-innermost (channels_last, or
+    a channel slice of it, as ShuffleNetV2's split halves); None for NCHW and ambiguous layouts."""
+    if x.dim() != 4 or x.stride(1) != 1 or x.shape[1] == 1 or x.shape[2] * x.shape[3] == 1:
+        return None
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 class _FoldedConvBN:
     """Conv2d -> BatchNorm2d (-> activation) with, in eval mode, the BatchNorm folded into the conv.
 
     Not a module (the parent owns the children); in training mode, or when the statistics cannot
     be folded, it runs the children one after the other. Without autograd the folded weight and
-    bias are cached until a parameter or statistic changes (tensor version counters).
+    bias (and oneDNN's packed weight) are cached until a parameter or statistic changes (tensor
+    version counters); with autograd they are recomputed, differentiably, on every call.
     """
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module | None, act_name: str) -> None:
         self.conv, self.bn, self.act, self.act_name = conv, bn, act, act_name
+        self._attr = _ONEDNN_ATTRS[act_name]
         self._key: tuple | None = None
         self._folded: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._packed: torch.Tensor | None = None
+        self._args: tuple = ()
 
     def _tensors(self) -> list[torch.Tensor | None]:
         bn = self.bn
@@ -96,24 +131,47 @@ class _FoldedConvBN:
             b = b + bn.bias
         return w, b.to(conv.weight.dtype)
 
-    def _cached_fold(self) -> tuple[torch.Tensor, torch.Tensor]:
-        tensors = self._tensors()
-        try:
-            key = tuple((id(t), t._version) if t is not None else None for t in tensors)
+    def _cached_fold(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        w, cb, g, beta, mean, var = self._tensors()
+        try:  # identities and version counters of everything the fold reads
+            key = (id(w), w._version, id(mean), mean._version, id(var), var._version,
+                   None if cb is None else (id(cb), cb._version), None if g is None else (id(g), g._version),
+                   None if beta is None else (id(beta), beta._version))
         except RuntimeError:  # inference tensors have no version counter: do not cache
-            return self._fold()
+            return None
         if key != self._key or self._folded is None:
-            self._folded, self._key = self._fold(), key
+            self._folded, self._packed, self._key = self._fold(), None, key
         return self._folded
+
+    def _onednn(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+        """conv + bias + activation in one oneDNN op, or None where it does not apply."""
+        if not (x.dtype == torch.float32 and x.device.type == "cpu" and _onednn_usable()):
+            return None
+        x = _channels_last_view(x)
+        if x is None:
+            return None
+        conv = self.conv
+        if self._packed is None:
+            if not isinstance(conv.padding, tuple):  # "same" / "valid"
+                return None
+            self._args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+            w = w.contiguous(memory_format=torch.channels_last)
+            self._packed = torch.ops.mkldnn._reorder_convolution_weight(w, *self._args, list(x.shape))
+        return torch.ops.mkldnn._convolution_pointwise(x, self._packed, b, *self._args, *self._attr, "")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self.conv, self.bn
         if bn.training or bn.running_mean is None or bn.running_var is None:
             x = bn(conv(x))
             return x if self.act is None else self.act(x)
-        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                               for t in (x, *self._tensors()))
-        w, b = self._fold() if grad else self._cached_fold()
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(
+            t is not None and t.requires_grad for t in self._tensors()))
+        folded = None if grad else self._cached_fold()
+        if folded is not None:
+            y = self._onednn(x, *folded)
+            if y is not None:
+                return y
+        w, b = folded if folded is not None else self._fold()
         y = F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
         if self.act_name == "none":
             return y
@@ -168,11 +226,10 @@ class FusedSequential(nn.Sequential):
         self.fold_bn = fold_bn
 
     def _steps(self) -> list[tuple[int, Callable]]:
-        children = list(self._modules.values())
-        key = (tuple(map(id, children)), self.fold_bn)
+        key = (*map(id, self._modules.values()), self.fold_bn)
         cached = self.__dict__.get("_fastdw_plan")
         if cached is None or cached[0] != key:
-            cached = (key, plan(children, self.fold_bn))
+            cached = (key, plan(list(self._modules.values()), self.fold_bn))
             self.__dict__["_fastdw_plan"] = cached  # not a child: keeps the state_dict unchanged
         return cached[1]
 

@@ -14,9 +14,10 @@ Inside networks the shuffle is absorbed instead of run:
   ``out[:, 2k + 1] = b[:, k]``, reading a and b through their strides (so the pass-through half,
   a channel slice of the block input, is copied once, into its slots). Backward
   (``fastdw::concat_shuffle_backward``) splits the gradient's even and odd channels.
-* ShuffleNetV1 (grouped 1x1 conv, shuffle, depthwise conv): ``shuffle_permutation`` gives the
-  channel order for an op that reads its input through a permutation, and ``shuffle_conv_weight``
-  folds a shuffle into the next dense conv: ``conv(shuffle(x), W) == conv(x, W')``.
+* ShuffleNetV1 (grouped 1x1 conv, shuffle, depthwise conv): the depthwise op reads its input
+  through the shuffle (``dwconv_bn_act(..., input_shuffle_groups=g)``); ``shuffle_permutation``
+  gives that channel order (``channel_shuffle(x, g) == x[:, perm]``), and ``shuffle_conv_weight``
+  folds a shuffle into the next dense conv instead: ``conv(shuffle(x), W) == conv(x, W')``.
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     ``groups`` must divide C. The output keeps the input's memory format; backward applies the
     inverse permutation (the shuffle with ``C // groups`` groups).
     """
-    c = _validate.batched_channels(x, "input")
-    groups = _validate.groups_dividing(groups, c)
+    # The common case checked cheaply (a shuffle is ~10 us, so Python overhead shows); anything
+    # else goes through the full checks, which raise the errors.
+    if not (type(x) is torch.Tensor and type(groups) is int and x.dim() >= 3 and x.dtype.is_floating_point
+            and groups >= 1 and x.shape[1] % groups == 0):
+        groups = _validate.groups_dividing(groups, _validate.batched_channels(x, "input"))
     if _backend.resolve(x.device, x.dtype) == "reference":
         return _ref.channel_shuffle(x, groups)
-    return torch.ops.fastdw.channel_shuffle(x, groups)
+    return torch.ops.fastdw.channel_shuffle.default(x, groups)
 
 
 def concat_shuffle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -49,6 +53,15 @@ def concat_shuffle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     either input has channels_last strides. Backward: ``grad_a = grad[:, 0::2]``,
     ``grad_b = grad[:, 1::2]``.
     """
+    if not (type(a) is torch.Tensor and type(b) is torch.Tensor and a.dtype == b.dtype and a.shape == b.shape
+            and a.dim() >= 3 and a.dtype.is_floating_point and a.device == b.device):
+        _check_pair(a, b)
+    if _backend.resolve(a.device, a.dtype) == "reference":
+        return _ref.concat_shuffle(a, b)
+    return torch.ops.fastdw.concat_shuffle.default(a, b)
+
+
+def _check_pair(a, b) -> None:
     _validate.batched_channels(a, "a")
     _validate.batched_channels(b, "b")
     if b.device != a.device:
@@ -57,9 +70,6 @@ def concat_shuffle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"b has dtype {b.dtype} but a has dtype {a.dtype}")
     if a.shape != b.shape:
         raise ValueError(f"a and b must have the same shape, got {list(a.shape)} and {list(b.shape)}")
-    if _backend.resolve(a.device, a.dtype) == "reference":
-        return _ref.concat_shuffle(a, b)
-    return torch.ops.fastdw.concat_shuffle(a, b)
 
 
 def shuffle_permutation(channels: int, groups: int) -> torch.Tensor:
@@ -104,7 +114,7 @@ def _shuffle_setup_context(ctx, inputs, output):
 
 
 def _shuffle_backward(ctx, grad):
-    return torch.ops.fastdw.channel_shuffle(grad, ctx.inverse_groups), None
+    return torch.ops.fastdw.channel_shuffle.default(grad, ctx.inverse_groups), None
 
 
 def _fake_concat(a, b):
@@ -124,7 +134,7 @@ def _concat_setup_context(ctx, inputs, output):
 
 
 def _concat_backward(ctx, grad):
-    ga, gb = torch.ops.fastdw.concat_shuffle_backward(grad)
+    ga, gb = torch.ops.fastdw.concat_shuffle_backward.default(grad)
     return ga, gb
 
 

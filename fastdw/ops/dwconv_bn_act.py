@@ -19,6 +19,7 @@ import torch
 from fastdw import _backend, _validate
 from fastdw import reference as _ref
 
+
 def dwconv_bn_act(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -36,6 +37,7 @@ def dwconv_bn_act(
     dilation=1,
     activation: str = "relu6",
     num_batches_tracked: torch.Tensor | None = None,
+    input_shuffle_groups: int | None = None,
 ) -> torch.Tensor:
     """``act(batch_norm(conv2d(x, weight, bias, groups=C)))`` in one op.
 
@@ -46,6 +48,11 @@ def dwconv_bn_act(
     statistics there is no BatchNorm at all (conv + activation). ``padding=None`` means
     ``(k // 2) * dilation`` ("same" for odd k at stride 1). The output keeps the input's memory
     format. Activations: relu, relu6, hardswish, silu, none.
+
+    ``input_shuffle_groups=g`` makes the op read its input through
+    ``channel_shuffle(x, g)`` (ShuffleNetV1: shuffle then depthwise conv) without materialising
+    the shuffled tensor (NCHW: each channel's plane is read from its source; channels_last
+    inputs are shuffled once internally).
     """
     stride, padding, dilation, (ho, wo) = _validate.conv_geometry(x, weight, stride, padding, dilation)
     activation = _validate.activation(activation)
@@ -63,6 +70,10 @@ def dwconv_bn_act(
     if not normalises and (bn_weight is not None or bn_bias is not None):
         raise ValueError("bn_weight/bn_bias given without BatchNorm statistics: pass running_mean/"
                          "running_var (eval) or training=True")
+    groups = 1 if input_shuffle_groups is None else input_shuffle_groups
+    if type(groups) is not int or groups < 1 or c % groups:
+        raise ValueError(f"input_shuffle_groups must be a positive int dividing the {c} channels, "
+                         f"got {input_shuffle_groups!r}")
     if not isinstance(eps, (int, float)) or eps <= 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     if training and x.shape[0] * ho * wo == 1:
@@ -84,6 +95,8 @@ def dwconv_bn_act(
             factor = float(momentum)
 
     if backend == "reference":
+        if groups > 1:
+            x = torch.nn.functional.channel_shuffle(x, groups)
         out = _ref.dwconv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                  training, factor, eps, stride, padding, dilation, activation)
         if update and num_batches_tracked is not None:
@@ -93,7 +106,7 @@ def dwconv_bn_act(
 
     out, mean, var = torch.ops.fastdw.dwconv_bn_act(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, float(eps),
-        list(stride), list(padding), list(dilation), activation,
+        list(stride), list(padding), list(dilation), activation, groups,
     )
     if update and num_batches_tracked is not None:
         with torch.no_grad():
@@ -129,11 +142,12 @@ def _same_device(*tensors) -> None:
     # (the dispatcher picks it for the whole call): refuse mixed devices there too.
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
-        raise RuntimeError(f"fastdw::dwconv_bn_act: tensors on different devices: {sorted(map(str, devices))}")
+        names = sorted(map(str, devices))
+        raise RuntimeError(f"fastdw::dwconv_bn_act: tensors on different devices: {names}")
 
 
 def _fake_forward(x, weight, bias, bn_weight, bn_bias, mean, var, training, eps, stride, padding,
-                  dilation, activation):
+                  dilation, activation, shuffle_groups=1):
     _same_device(x, weight, bias, bn_weight, bn_bias, mean, var)
     fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
     out = x.new_empty(_out_shape(x, weight, stride, padding, dilation)).contiguous(memory_format=fmt)
@@ -143,7 +157,7 @@ def _fake_forward(x, weight, bias, bn_weight, bn_bias, mean, var, training, eps,
 
 
 def _fake_backward(grad_out, x, weight, bias, bn_weight, bn_bias, mean, var, training, eps, stride,
-                   padding, dilation, activation, output_mask):
+                   padding, dilation, activation, output_mask, shuffle_groups=1):
     _same_device(grad_out, x, weight, bias, bn_weight, bn_bias, mean, var)
     fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
 
@@ -159,26 +173,26 @@ def _fake_backward(grad_out, x, weight, bias, bn_weight, bn_bias, mean, var, tra
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, bn_weight, bn_bias, mean, var, training, eps, stride, padding, dilation,
-     activation) = inputs
+     activation, *rest) = inputs
     _, save_mean, save_var = output
     if training:
         mean, var = save_mean, save_var
     ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, mean, var)
-    ctx.args = (training, eps, stride, padding, dilation, activation)
+    ctx.args = (training, eps, stride, padding, dilation, activation, rest[0] if rest else 1)
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
     x, weight, bias, bn_weight, bn_bias, mean, var = ctx.saved_tensors
-    training, eps, stride, padding, dilation, activation = ctx.args
+    training, eps, stride, padding, dilation, activation, shuffle_groups = ctx.args
     need = ctx.needs_input_grad
     mask = [need[0], need[1], bias is not None and need[2], bn_weight is not None and need[3],
             bn_bias is not None and need[4]]
     grads = torch.ops.fastdw.dwconv_bn_act_backward(
         grad_out, x, weight, bias, bn_weight, bn_bias, mean, var, training, eps, stride, padding,
-        dilation, activation, mask,
+        dilation, activation, mask, shuffle_groups,
     )
-    grads = [g if m else None for g, m in zip(grads, mask)]
-    return (*grads, None, None, None, None, None, None, None, None)
+    grads = [g if m else None for g, m in zip(grads, mask, strict=True)]
+    return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def _no_double_backward(ctx, *grads):

@@ -61,7 +61,8 @@ def se_scale(
 
     if _backend.resolve(x.device, x.dtype) == "reference":
         return _ref.se_scale(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)
-    out, _ = torch.ops.fastdw.se_scale(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)
+    out, _ = torch.ops.fastdw.se_scale.default(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation,
+                                               gate)
     return out
 
 
@@ -95,7 +96,7 @@ def _backward(ctx, grad_out, _grad_pooled):
     activation, gate = ctx.args
     need = ctx.needs_input_grad
     mask = [need[0], need[1], fc1_bias is not None and need[2], need[3], fc2_bias is not None and need[4]]
-    grads = torch.ops.fastdw.se_scale_backward(
+    grads = torch.ops.fastdw.se_scale_backward.default(
         grad_out, x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, mask
     )
     grads = [g if m else None for g, m in zip(grads, mask, strict=True)]
