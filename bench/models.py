@@ -20,10 +20,10 @@ import os
 from collections import defaultdict
 
 import torch
-import torchvision
 
 from bench import timing
 from fastdw import models
+from fastdw.bench.models import torchvision_model
 
 TARGETS = ["mobilenet_v2", "mobilenet_v3_large", "shufflenet_v2_x1_0"]
 DEFAULT = TARGETS + ["mobilenet_v3_small", "squeezenet1_1"]
@@ -32,13 +32,7 @@ FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
 def pair(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     """torchvision's model with calibrated BatchNorm statistics and fastdw's twin with its weights."""
-    torch.manual_seed(0)
-    theirs = getattr(torchvision.models, name)()
-    theirs.train()
-    with torch.no_grad():
-        for _ in range(3):
-            theirs(torch.randn(4, 3, 224, 224))
-    theirs.eval()
+    theirs = torchvision_model(name, 224)  # seeded; BN statistics calibrated whatever the momentum
     ours = getattr(models, name)()
     ours.load_state_dict(theirs.state_dict())
     return ours.eval(), theirs

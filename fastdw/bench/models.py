@@ -169,7 +169,7 @@ def bench_inference(name: str, batch: int, settings: Settings, reps: int, resolu
                 fns[engine] = fn
             else:
                 row.status[engine] = status
-        row.ms = timing.interleaved(fns, reps=reps, warmup=3)
+        row.ms = timing.interleaved(fns, reps=reps, warmup=3, spread=row.spread())
     if name in onnx_cache.exporter:
         row.extra["onnx_exporter"] = onnx_cache.exporter[name]
     return row
@@ -262,7 +262,7 @@ def bench_training(name: str, batch: int, settings: Settings, reps: int, resolut
             opt.step()
 
         fns[engine] = step
-    row.ms = timing.interleaved(fns, reps=reps, warmup=warmup)
+    row.ms = timing.interleaved(fns, reps=reps, warmup=warmup, spread=row.spread())
     row.extra["saved_mib"] = {e: b / 2**20 for e, b in saved.items() if e in ours}
     base = saved.get("eager") if "eager" in ours else None
     best = min((saved[e] for e in ours if e in FASTDW_ENGINES), default=None)

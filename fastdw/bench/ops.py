@@ -211,7 +211,7 @@ def bench_inference(case: OpCase, n: int, settings: Settings, reps: int) -> Row:
                 fns[engine] = fn
             else:
                 row.status[engine] = status
-        row.ms = timing.interleaved(fns, reps=reps, min_time=0.002)
+        row.ms = timing.interleaved(fns, reps=reps, min_time=0.002, spread=row.spread())
     return row
 
 
@@ -272,7 +272,8 @@ def bench_training(case: OpCase, n: int, settings: Settings, reps: int) -> Row:
             row.status[engine] = status
             continue
         fns[engine] = lambda m=m, inputs=inputs: run(m, inputs)
-    row.ms = timing.interleaved(fns, reps=max(5, reps // 2), warmup=2, min_time=0.002)
+    row.ms = timing.interleaved(fns, reps=max(5, reps // 2), warmup=2, min_time=0.002,
+                                spread=row.spread())
     return row
 
 

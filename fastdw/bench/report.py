@@ -50,8 +50,9 @@ class Row:
     columns: dict[str, str] = field(default_factory=dict)  # more table columns after the times
     extra: dict[str, object] = field(default_factory=dict)  # JSON only
 
-    def engines(self) -> list[str]:
-        return list(dict.fromkeys([*self.ms, *self.status]))
+    def spread(self) -> dict[str, float]:
+        """Where ``timing.interleaved`` puts each engine's interquartile range / median (JSON)."""
+        return self.extra.setdefault("relative_iqr", {})
 
     def speedup(self, engine: str) -> float | None:
         """Eager NCHW time / this engine's time (None if either is missing)."""
@@ -72,10 +73,14 @@ def _fmt_ms(v: float) -> str:
     return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 10 else f"{v:.1f}"
 
 
+NOISY = 0.5  # relative interquartile range above which a time is marked as noisy
+
+
 def cell(row: Row, engine: str) -> str:
     if engine in row.ms:
         s = row.speedup(engine)
-        return _fmt_ms(row.ms[engine]) + ("" if s is None or engine == BASELINE else f" ({s:.2f}x)")
+        noisy = " †" if row.extra.get("relative_iqr", {}).get(engine, 0.0) > NOISY else ""
+        return _fmt_ms(row.ms[engine]) + noisy + ("" if s is None or engine == BASELINE else f" ({s:.2f}x)")
     status = row.status.get(engine, "n/a")
     return "—" if status == "n/a" else status.split(":", 1)[0]
 
@@ -120,6 +125,9 @@ def markdown(rows: list[Row], command: str, header: str) -> str:
             continue
         parts += [f"### {title}", "", section_table(sec), ""]
         n = notes(sec)
+        if any(v > NOISY for r in sec for v in r.extra.get("relative_iqr", {}).values()):
+            n.append(f"- †: noisy, the interquartile range of the repetitions is above {NOISY:.0%} of the "
+                     f"median (a busy machine)")
         if n:
             parts += n + [""]
     return "\n".join(parts).rstrip() + "\n"

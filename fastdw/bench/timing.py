@@ -48,9 +48,10 @@ def use_cpu_time(enabled: bool = True) -> None:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], reps: int = 30, warmup: int = 3,
-                min_time: float = 0.0) -> dict[str, float]:
+                min_time: float = 0.0, spread: dict[str, float] | None = None) -> dict[str, float]:
     """Median milliseconds of each callable, timed round-robin. ``min_time`` (s) repeats a whole
-    round until a round takes at least that long, for very short ops."""
+    round until a round takes at least that long, for very short ops. ``spread``, if given, gets
+    each callable's interquartile range relative to its median (a noise gauge: > 0.2 is noisy)."""
     for _ in range(warmup):
         for f in fns.values():
             f()
@@ -71,7 +72,13 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int = 30, warmup: in
             for _ in range(inner):
                 f()
             samples[k].append((_clock() - t0) * 1e3 / inner)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    if spread is not None:
+        for k, v in samples.items():
+            if len(v) >= 2:
+                q1, _, q3 = statistics.quantiles(v, n=4)
+                spread[k] = round((q3 - q1) / medians[k], 3)
+    return medians
 
 
 def _version(module: str) -> str | None:
