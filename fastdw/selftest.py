@@ -8,8 +8,8 @@ the gradients of every input, and the running statistics. Prints one row per (de
 op, case) with the largest error, pass/fail and the time of one forward; exits 1 on any failure.
 
 Errors are relative to the largest magnitude of the reference tensor, or absolute where that is
-below 1 (a true gradient can be ~0: the conv bias under training BatchNorm). Tolerances: 1e-4 for float32, 1e-10 for float64, 2e-2 for float16 and
-bfloat16.
+below 1 (a true gradient can be ~0: the conv bias under training BatchNorm). Tolerances: 1e-4
+for float32, 1e-10 for float64, 2e-2 for float16 and bfloat16.
 
 On a machine without CUDA the Triton kernels are run by Triton's interpreter on CPU tensors; for
 that ``TRITON_INTERPRET=1`` must be set before ``triton`` is imported, so this module sets it
@@ -28,8 +28,12 @@ from dataclasses import dataclass
 import torch
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-DTYPE_NAMES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
-               "bfloat16": torch.bfloat16}
+DTYPE_NAMES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 @dataclass
@@ -64,8 +68,17 @@ def _rand(g: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=g, dtype=torch.float64)
 
 
-def _dw_case(k: int, stride: int, dilation: int, act: str, training: bool, channels_last: bool,
-             bias: bool, shuffle: int | None = None, shape=(2, 12, 9, 10)) -> Case:
+def _dw_case(
+    k: int,
+    stride: int,
+    dilation: int,
+    act: str,
+    training: bool,
+    channels_last: bool,
+    bias: bool,
+    shuffle: int | None = None,
+    shape=(2, 12, 9, 10),
+) -> Case:
     n, c, h, w = shape
 
     def make(g):
@@ -73,18 +86,33 @@ def _dw_case(k: int, stride: int, dilation: int, act: str, training: bool, chann
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return {
-            "x": x, "weight": _rand(g, c, 1, k, k) * 0.4, "bias": _rand(g, c) if bias else None,
-            "bn_weight": 1.0 + 0.2 * _rand(g, c), "bn_bias": _rand(g, c) * 0.3,
-            "running_mean": _rand(g, c) * 0.1, "running_var": 0.5 + torch.rand(c, generator=g, dtype=torch.float64),
+            "x": x,
+            "weight": _rand(g, c, 1, k, k) * 0.4,
+            "bias": _rand(g, c) if bias else None,
+            "bn_weight": 1.0 + 0.2 * _rand(g, c),
+            "bn_bias": _rand(g, c) * 0.3,
+            "running_mean": _rand(g, c) * 0.1,
+            "running_var": 0.5 + torch.rand(c, generator=g, dtype=torch.float64),
         }
 
     def run(t):
         from fastdw.ops import dwconv_bn_act
 
         stats = {"running_mean": t["running_mean"].clone(), "running_var": t["running_var"].clone()}
-        out = dwconv_bn_act(t["x"], t["weight"], t["bias"], t["bn_weight"], t["bn_bias"], stats["running_mean"],
-                            stats["running_var"], training=training, stride=stride, dilation=dilation,
-                            activation=act, input_shuffle_groups=shuffle)
+        out = dwconv_bn_act(
+            t["x"],
+            t["weight"],
+            t["bias"],
+            t["bn_weight"],
+            t["bn_bias"],
+            stats["running_mean"],
+            stats["running_var"],
+            training=training,
+            stride=stride,
+            dilation=dilation,
+            activation=act,
+            input_shuffle_groups=shuffle,
+        )
         return {"out": out, **({k_: v for k_, v in stats.items()} if training else {})}
 
     fmt = "NHWC" if channels_last else "NCHW"
@@ -100,14 +128,28 @@ def _se_case(act: str, gate: str, channels_last: bool, shape=(2, 24, 7, 6), sque
         x = _rand(g, n, c, h, w)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return {"x": x, "fc1_weight": _rand(g, squeeze, c, 1, 1) * 0.3, "fc1_bias": _rand(g, squeeze) * 0.1,
-                "fc2_weight": _rand(g, c, squeeze, 1, 1) * 0.3, "fc2_bias": _rand(g, c) * 0.1}
+        return {
+            "x": x,
+            "fc1_weight": _rand(g, squeeze, c, 1, 1) * 0.3,
+            "fc1_bias": _rand(g, squeeze) * 0.1,
+            "fc2_weight": _rand(g, c, squeeze, 1, 1) * 0.3,
+            "fc2_bias": _rand(g, c) * 0.1,
+        }
 
     def run(t):
         from fastdw.ops import se_scale
 
-        return {"out": se_scale(t["x"], t["fc1_weight"], t["fc1_bias"], t["fc2_weight"], t["fc2_bias"],
-                                activation=act, gate=gate)}
+        return {
+            "out": se_scale(
+                t["x"],
+                t["fc1_weight"],
+                t["fc1_bias"],
+                t["fc2_weight"],
+                t["fc2_bias"],
+                activation=act,
+                gate=gate,
+            )
+        }
 
     return Case("se_scale", f"{'NHWC' if channels_last else 'NCHW'} {act}/{gate}", make, run)
 
@@ -168,8 +210,15 @@ def _to(t: dict, device: str, dtype: torch.dtype, grad: bool) -> dict:
     out = {}
     for k, v in t.items():
         if isinstance(v, torch.Tensor):
-            fmt = torch.channels_last if (v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last)
-                                          and not v.is_contiguous()) else torch.contiguous_format
+            fmt = (
+                torch.channels_last
+                if (
+                    v.dim() == 4
+                    and v.is_contiguous(memory_format=torch.channels_last)
+                    and not v.is_contiguous()
+                )
+                else torch.contiguous_format
+            )
             v = v.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
             if grad and k not in ("running_mean", "running_var"):
                 v.requires_grad_(True)
@@ -183,8 +232,9 @@ def _forward_backward(case: Case, t: dict, seed_grad: torch.Tensor | None) -> tu
     grads = {}
     if seed_grad is not None:
         leaves = {k: v for k, v in t.items() if isinstance(v, torch.Tensor) and v.requires_grad}
-        got = torch.autograd.grad(out, list(leaves.values()), seed_grad.to(out.device, out.dtype),
-                                  allow_unused=True)
+        got = torch.autograd.grad(
+            out, list(leaves.values()), seed_grad.to(out.device, out.dtype), allow_unused=True
+        )
         grads = {f"grad_{k}": g for k, g in zip(leaves, got, strict=True) if g is not None}
     return {k: v.detach() for k, v in res.items()}, grads
 
@@ -281,11 +331,25 @@ def format_table(rows: list[Row]) -> str:
     for r in rows:
         err = "-" if r.error is None else f"{r.error:.1e}"
         ms = "-" if r.ms is None else f"{r.ms:.3f}"
-        body.append([r.device, r.backend, r.op, r.case, r.dtype, err, f"{r.tol:.0e}",
-                     "pass" if r.ok else "FAIL", ms, r.note])
+        body.append(
+            [
+                r.device,
+                r.backend,
+                r.op,
+                r.case,
+                r.dtype,
+                err,
+                f"{r.tol:.0e}",
+                "pass" if r.ok else "FAIL",
+                ms,
+                r.note,
+            ]
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
-             for line in [head, ["-" * w for w in widths], *body]]
+    lines = [
+        "  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
+        for line in [head, ["-" * w for w in widths], *body]
+    ]
     return "\n".join(lines)
 
 
@@ -293,10 +357,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastdw.selftest", description=__doc__.splitlines()[0])
     p.add_argument("--backends", nargs="*", help="only these backends (default: every usable one)")
     p.add_argument("--ops", nargs="*", help="only these ops")
-    p.add_argument("--dtypes", nargs="*", choices=sorted(DTYPE_NAMES),
-                   help="default: float32 and float64 (plus float16 and bfloat16 on CUDA)")
-    p.add_argument("--full", action="store_true", help="add larger, real-network shapes (slow under the interpreter)")
-    p.add_argument("--no-interpret", action="store_true", help="do not run Triton through its CPU interpreter")
+    p.add_argument(
+        "--dtypes",
+        nargs="*",
+        choices=sorted(DTYPE_NAMES),
+        help="default: float32 and float64 (plus float16 and bfloat16 on CUDA)",
+    )
+    p.add_argument(
+        "--full", action="store_true", help="add larger, real-network shapes (slow under the interpreter)"
+    )
+    p.add_argument(
+        "--no-interpret", action="store_true", help="do not run Triton through its CPU interpreter"
+    )
     args = p.parse_args(argv)
 
     if not args.no_interpret and not torch.cuda.is_available() and "triton" not in sys.modules:
@@ -304,8 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     import fastdw
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print(f"fastdw {fastdw.__version__}, torch {torch.__version__}, backends {fastdw.backends()}, "
-          f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}")
+    print(
+        f"fastdw {fastdw.__version__}, torch {torch.__version__}, backends {fastdw.backends()}, "
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}"
+    )
     if not fastdw._backend.extension_loaded():
         print(f"compiled extension not loaded: {fastdw._backend.extension_error()}")
     rows: list[Row] = []
@@ -330,7 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(format_table(rows))
     failed = [r for r in rows if not r.ok]
-    print(f"\n{len(rows) - len(failed)} of {len(rows)} passed" + (f", {len(failed)} FAILED" if failed else ""))
+    print(
+        f"\n{len(rows) - len(failed)} of {len(rows)} passed" + (f", {len(failed)} FAILED" if failed else "")
+    )
     return 1 if failed else 0
 
 
