@@ -214,7 +214,7 @@ def run_torch(case: Case, inp: Inputs, grad_out: torch.Tensor):
     return out, dict(zip(tensors, grads, strict=True)), stats
 
 
-def check_case(case: Case, dtype=torch.float64, tol: float | None = None) -> None:
+def check_case(case: Case, dtype=torch.float64, tol: float | None = None, backend: str = "cpu") -> None:
     inp = inputs_for(case, dtype)
     n, c, _, _ = case.shape
     ho, wo = case.out_hw()
@@ -223,7 +223,7 @@ def check_case(case: Case, dtype=torch.float64, tol: float | None = None) -> Non
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
 
     fused_inp, ref_inp = inp.clone(), inp.clone()
-    out, grads = run_op(case, fused_inp, "cpu", grad_out)
+    out, grads = run_op(case, fused_inp, backend, grad_out)
     ref_out, ref_grads = run_op(case, ref_inp, "reference", grad_out)
     mod_out, mod_grads, mod_stats = run_torch(case, inp.clone(), grad_out)
 
@@ -359,17 +359,20 @@ def _present(case: Case) -> set[str]:
     return names | ({"bn_weight", "bn_bias"} if case.bn in ("affine", "nostats") else set())
 
 
-@pytest.mark.parametrize(
-    "case,which",
-    [
-        (case, which)
-        for case in SUBSET_CASES
-        for which in ("x", "weight", "bias", "bn_weight", "bn_bias", "params")
-        if which == "params" or which in _present(case)
-    ],
-    ids=str,
-)
+SUBSETS = [
+    (case, which)
+    for case in SUBSET_CASES
+    for which in ("x", "weight", "bias", "bn_weight", "bn_bias", "params")
+    if which == "params" or which in _present(case)
+]
+
+
+@pytest.mark.parametrize("case,which", SUBSETS, ids=str)
 def test_gradient_subsets(case, which):
+    check_gradient_subset(case, which, "cpu")
+
+
+def check_gradient_subset(case: Case, which: str, backend: str) -> None:
     """Only some inputs require grad: the op computes exactly those gradients, still correctly."""
     inp = inputs_for(case)
     want = set(inp.params()) - {"x"} if which == "params" else {which}
@@ -382,7 +385,7 @@ def test_gradient_subsets(case, which):
     for i in (fused, ref):
         for name, t in i.params().items():
             t.requires_grad_(name in want)
-    out, grads = run_op(case, fused, "cpu", go)
+    out, grads = run_op(case, fused, backend, go)
     ref_out, ref_grads = run_op(case, ref, "reference", go)
     assert set(grads) == want
     assert_close(out, ref_out)
