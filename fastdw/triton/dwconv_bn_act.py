@@ -15,7 +15,7 @@ applies scale, shift and the activation before its single store.
 Forward, training: pass 1 (same kernel, STATS) reduces each program's tile to a per-channel sum and
 centred sum of squares (tile-local mean: no catastrophic cancellation in fp32), written to
 [N * tiles, C] partials; ``_bn_finalize_kernel`` merges them (Chan's parallel formula) into the
-batch mean / biased variance and the folded scale/shift; pass 2 normalises and activates. Pass 2
+batch mean / biased variance, folded on the host into scale/shift; pass 2 normalises and activates. Pass 2
 recomputes the conv when the output has at least half the input's pixels (stride 1: recomputing
 costs one more read of x; storing z would cost a write and a read of an x-sized tensor), and
 otherwise (stride 2) stores z = conv + bias in pass 1 and rescales it in place with the light
@@ -108,14 +108,11 @@ def _dw_forward_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr, psum_ptr, pm
 
 
 @triton.jit
-def _bn_finalize_kernel(psum_ptr, pm2_ptr, g_ptr, beta_ptr, bias_ptr, mean_ptr, var_ptr, scale_ptr, shift_ptr,
-                        C, T, TILES, P, eps, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr,
-                        ADD_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Merge the T = N * TILES tile partials into batch mean and biased variance (Chan et al.:
-    M2 = sum_t M2_t + n_t (mean_t - mean)^2, two passes over the tiny partials), then fold BN:
-    scale = g / sqrt(var + eps), shift = beta - mean * scale (+ bias * scale when pass 2 recomputes
-    the bias-free conv). A program per BLOCK_C channels."""
+def _bn_finalize_kernel(psum_ptr, pm2_ptr, mean_ptr, var_ptr, C, T, TILES, P, ACC: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merge the T = N * TILES tile partials into the batch mean and biased variance (Chan et al.:
+    M2 = sum_t M2_t + n_t (mean_t - mean)^2, two passes over the tiny partials). A program per
+    BLOCK_C channels; tile t holds min(BLOCK_P, P - (t % TILES) * BLOCK_P) pixels."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     total = tl.zeros([BLOCK_C], dtype=ACC)
@@ -131,22 +128,10 @@ def _bn_finalize_kernel(psum_ptr, pm2_ptr, g_ptr, beta_ptr, bias_ptr, mean_ptr, 
         m = (rows < T)[:, None] & mask_c[None, :]
         idx = rows[:, None].to(tl.int64) * C + offs_c[None, :]
         cnt = tl.minimum(P - (rows % TILES) * BLOCK_P, BLOCK_P).to(ACC)[:, None]
-        s = tl.load(psum_ptr + idx, mask=m, other=0.0)
-        d = s / cnt - mean[None, :]
+        d = tl.load(psum_ptr + idx, mask=m, other=0.0) / cnt - mean[None, :]
         m2 += tl.sum(tl.where(m, tl.load(pm2_ptr + idx, mask=m, other=0.0) + cnt * d * d, 0.0), 0)
-    var = m2 / count
-    scale = 1.0 / tl.sqrt(var + eps)
-    if HAS_G:
-        scale = scale * tl.load(g_ptr + offs_c, mask=mask_c, other=1.0).to(ACC)
-    shift = -mean * scale
-    if HAS_BETA:
-        shift += tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-    if ADD_BIAS:
-        shift += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(ACC) * scale
-    tl.store(mean_ptr + offs_c, mean.to(mean_ptr.dtype.element_ty), mask=mask_c)
-    tl.store(var_ptr + offs_c, var.to(var_ptr.dtype.element_ty), mask=mask_c)
-    tl.store(scale_ptr + offs_c, scale, mask=mask_c)
-    tl.store(shift_ptr + offs_c, shift, mask=mask_c)
+    tl.store(mean_ptr + offs_c, mean, mask=mask_c)
+    tl.store(var_ptr + offs_c, m2 / count, mask=mask_c)
 
 
 @triton.jit
@@ -279,6 +264,20 @@ def _vec(t, c, fill, dtype, device):
     return t.to(dtype) if t is not None else torch.full((c,), fill, dtype=dtype, device=device)
 
 
+def _fold(mean, var, bias, bn_weight, bn_bias, eps, c, acc, device):
+    """BN folded into the conv's epilogue, [C] vectors in the accumulator dtype:
+    y = z * scale + shift, scale = g / sqrt(var + eps), shift = (bias - mean) * scale + beta (no
+    BN: scale 1, shift bias). Host-side tensor ops on [C] vectors, so eps keeps its fp64 value."""
+    shift = _vec(bias, c, 0.0, acc, device)
+    if mean is None:
+        return torch.ones((c,), dtype=acc, device=device), shift
+    scale = torch.rsqrt(var.to(acc) + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.to(acc)
+    shift = (shift - mean.to(acc)) * scale
+    return scale, shift + bn_bias.to(acc) if bn_bias is not None else shift
+
+
 @define_op("triton_dwconv_bn_act")
 def triton_dwconv_bn_act(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bn_weight: torch.Tensor | None,
@@ -292,7 +291,7 @@ def triton_dwconv_bn_act(
     cl = _is_channels_last(x)
     out = torch.empty((n, c, ho, wo), device=x.device, dtype=x.dtype,
                       memory_format=torch.channels_last if cl else torch.contiguous_format)
-    save_mean = x.new_zeros((c if training else 0,))
+    save_mean = x.new_zeros((c if training else 0,))  # training, N = 0: zeros (the wrapper skips them)
     save_var = x.new_zeros((c if training else 0,))
     acc = acc_dtype(x.dtype)
     wc = weight.reshape(c, kh * kw).contiguous()
@@ -303,15 +302,7 @@ def triton_dwconv_bn_act(
                   **_conv_args(stride, padding, dilation, shuffle_groups))
     geo = (c, h, w, wo, ho * wo, *strides(x), *strides(out))
     if not training:
-        scale = torch.ones((c,), dtype=acc, device=x.device)
-        shift = _vec(bias, c, 0.0, acc, x.device)
-        if mean is not None:
-            scale = torch.rsqrt(var.to(acc) + eps)
-            if bn_weight is not None:
-                scale = scale * bn_weight.to(acc)
-            shift = (shift - mean.to(acc)) * scale
-            if bn_bias is not None:
-                shift = shift + bn_bias.to(acc)
+        scale, shift = _fold(mean, var, bias, bn_weight, bn_bias, eps, c, acc, x.device)
         launch(_dw_forward_kernel, grid, x, wc, scale, shift, out, scale, scale, *geo,
                ACT=ACT_CODES[activation], STATS=False, STORE=True, **common)
         return out, save_mean, save_var
@@ -323,20 +314,19 @@ def triton_dwconv_bn_act(
     ones = torch.ones((c,), dtype=acc, device=x.device)
     launch(_dw_forward_kernel, grid, x, wc, ones, _vec(bias, c, 0.0, acc, x.device), out, psum, pm2, *geo,
            ACT=0, STATS=True, STORE=store_z, **common)
-    scale, shift = torch.empty_like(ones), torch.empty_like(ones)
+    batch_mean, batch_var = torch.empty_like(ones), torch.empty_like(ones)
     fc = min(triton.next_power_of_2(c), 64)
-    launch(_bn_finalize_kernel, (triton.cdiv(c, fc),), psum, pm2, bn_weight if bn_weight is not None else ones,
-           bn_bias if bn_bias is not None else ones, bias if bias is not None else ones, save_mean, save_var,
-           scale, shift, c, n * tiles, tiles, ho * wo, eps, HAS_G=bn_weight is not None,
-           HAS_BETA=bn_bias is not None, ADD_BIAS=bias is not None and not store_z, ACC=tl_acc(x.dtype),
-           BLOCK_P=bp, BLOCK_T=min(triton.next_power_of_2(n * tiles), 32), BLOCK_C=fc)
+    launch(_bn_finalize_kernel, (triton.cdiv(c, fc),), psum, pm2, batch_mean, batch_var, c, n * tiles, tiles,
+           ho * wo, ACC=tl_acc(x.dtype), BLOCK_P=bp, BLOCK_T=min(triton.next_power_of_2(n * tiles), 32), BLOCK_C=fc)
+    # The stored z already holds the conv bias; the recomputed conv does not.
+    scale, shift = _fold(batch_mean, batch_var, None if store_z else bias, bn_weight, bn_bias, eps, c, acc, x.device)
     if store_z:
         launch(_scale_shift_act_kernel, grid, out, scale, shift, c, wo, ho * wo, *strides(out),
                ACT=ACT_CODES[activation], ACC=tl_acc(x.dtype), BLOCK_P=bp, BLOCK_C=bc)
     else:
         launch(_dw_forward_kernel, grid, x, wc, scale, shift, out, scale, scale, *geo,
                ACT=ACT_CODES[activation], STATS=False, STORE=True, **common)
-    return out, save_mean, save_var
+    return out, batch_mean.to(x.dtype), batch_var.to(x.dtype)
 
 
 @define_op("triton_dwconv_bn_act_backward")
@@ -356,11 +346,7 @@ def triton_dwconv_bn_act_backward(
     go = grad_out.to(x.dtype)
     normalises = training or (mean is not None and mean.numel() > 0)
     # xhat = z * a1 + a0 (z the bias-free conv output); gz = k1 * gy + k2 * xhat + k3.
-    a1 = torch.ones((c,), dtype=acc, device=dev)
-    a0 = _vec(bias, c, 0.0, acc, dev)
-    if normalises:
-        a1 = torch.rsqrt(var.to(acc) + eps)
-        a0 = (a0 - mean.to(acc)) * a1
+    a1, a0 = _fold(mean if normalises else None, var, bias, None, None, eps, c, acc, dev)
     g = _vec(bn_weight, c, 1.0, acc, dev)
     beta = _vec(bn_bias, c, 0.0, acc, dev)
     k1 = g * a1
