@@ -9,7 +9,7 @@ interpreter, which is how they are tested without a GPU.
 
 from triton.runtime.interpreter import InterpretedFunction
 
-from fastdw.triton import dwconv_bn_act, se_scale  # noqa: F401  (importing defines the ops)
+from fastdw.triton import channel_shuffle, dwconv_bn_act, se_scale  # noqa: F401  (importing defines the ops)
 
 INTERPRETED = isinstance(dwconv_bn_act._dw_forward_kernel, InterpretedFunction)
 """True when the kernels were built for the interpreter (they then take CPU tensors, not CUDA)."""
