@@ -38,19 +38,20 @@ def next_pow2(n: int) -> int:
 
 
 def tile(channels_last: bool, channels: int, positions: int) -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_C) of a program's [positions x channels] tile.
+    """(BLOCK_P, BLOCK_C) of a program's [positions x channels] tile, ~2048 elements at most.
 
-    Channels-last: the channel axis is contiguous, so a program vectorises over up to 64
-    channels (coalesced 128-256 B rows) and takes enough positions to reach ~2048 elements.
-    Contiguous NCHW: positions are contiguous, so a program vectorises over up to 512 positions of
-    at most 4 channels (a few planes share one program so small late-stage planes still fill it).
+    Channels-last: the channel axis is contiguous, so a program vectorises over up to 64 channels
+    (coalesced 128-256 B rows) and takes enough positions to fill the tile. Contiguous NCHW:
+    positions are contiguous, so a program vectorises over up to 512 positions of at least 4
+    channels, more channels when planes are small (late-stage 7x7 maps, 1x1 SE-sized tensors), so
+    a program still has work.
     """
     if channels_last:
         bc = min(next_pow2(channels), 64)
         bp = min(next_pow2(positions), max(1, 2048 // bc))
     else:
-        bc = min(next_pow2(channels), 4)
-        bp = min(next_pow2(positions), max(16, 2048 // bc), 512)
+        bp = min(next_pow2(positions), 512)
+        bc = min(next_pow2(channels), max(4, min(64, 2048 // bp)))
     return bp, bc
 
 
