@@ -685,14 +685,23 @@ OPCHECK_SAMPLES = {
 
 @pytest.mark.parametrize("sample", list(OPCHECK_SAMPLES), ids=str)
 def test_opcheck_forward(sample):
+    check_opcheck_forward(sample)
+
+
+def check_opcheck_forward(sample: str, prefix: str = "") -> None:
+    """opcheck of fastdw::<prefix>dwconv_bn_act ('' the C++ op, 'triton_' its Triton twin)."""
     args = _op_args(**OPCHECK_SAMPLES[sample])
-    torch.library.opcheck(torch.ops.fastdw.dwconv_bn_act.default, args)
+    torch.library.opcheck(getattr(torch.ops.fastdw, f"{prefix}dwconv_bn_act").default, args)
 
 
 @pytest.mark.parametrize("sample", list(OPCHECK_SAMPLES), ids=str)
 def test_opcheck_backward(sample):
+    check_opcheck_backward(sample)
+
+
+def check_opcheck_backward(sample: str, prefix: str = "") -> None:
     args = _op_args(**OPCHECK_SAMPLES[sample], requires_grad=False)
-    out, save_mean, save_var = torch.ops.fastdw.dwconv_bn_act(*args)
+    out, save_mean, save_var = getattr(torch.ops.fastdw, f"{prefix}dwconv_bn_act")(*args)
     x, w, b, g, beta, mean, var, training, eps, stride, padding, dilation, act = args
     if training:
         mean, var = save_mean, save_var
@@ -703,7 +712,7 @@ def test_opcheck_backward(sample):
         [False, True, True, True, True],
     ):
         torch.library.opcheck(
-            torch.ops.fastdw.dwconv_bn_act_backward.default,
+            getattr(torch.ops.fastdw, f"{prefix}dwconv_bn_act_backward").default,
             (grad_out, x, w, b, g, beta, mean, var, training, eps, stride, padding, dilation, act, mask),
         )
 
@@ -754,6 +763,11 @@ def test_op_returns_batch_statistics():
     "mode,channels_last,momentum", [("eval", True, 0.1), ("train", False, 0.1), ("train", True, None)]
 )
 def test_compile_fullgraph(mode, channels_last, momentum):
+    check_compile_fullgraph(mode, channels_last, momentum)
+
+
+def check_compile_fullgraph(mode: str, channels_last: bool, momentum, backend: str = "auto") -> None:
+    """torch.compile(fullgraph=True) of DWConvBNAct, the backend forced while it runs, vs eager."""
     torch._dynamo.reset()
     model = DWConvBNAct(8, 3, stride=1, activation="hardswish", bias=True, momentum=momentum).double()
     with torch.no_grad():
@@ -769,12 +783,14 @@ def test_compile_fullgraph(mode, channels_last, momentum):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         xc, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        out = compiled(xc)
+        with fastdw.use_backend(backend):
+            out = compiled(xc)
         expected = eager(xe)
         assert_close(out, expected, what=f"output step {step}")
         assert_same_memory_format(out, x)
         go = torch.randn_like(expected)
-        out.backward(go)
+        with fastdw.use_backend(backend):
+            out.backward(go)
         expected.backward(go)
         assert_close(xc.grad, xe.grad, what="grad x")
         for (name, p), (_, pe) in zip(model.named_parameters(), eager.named_parameters(), strict=True):

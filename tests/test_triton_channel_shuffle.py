@@ -16,6 +16,7 @@ from test_channel_shuffle import (  # noqa: F401  (collected again here, with th
     FORMATS,
     _concat_shuffle_ref,
     _x,
+    check_opcheck,
     test_bad_groups,
     test_bad_tensors,
     test_concat_shuffle,
@@ -63,3 +64,8 @@ def test_edge_sizes(backend, shape):
         assert torch.equal(y, F.channel_shuffle(x, 2))
         y.sum().backward()
         assert torch.equal(fastdw.ops.concat_shuffle(x, x), _concat_shuffle_ref(x, x))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_opcheck(fmt):
+    check_opcheck(fmt, "triton_")

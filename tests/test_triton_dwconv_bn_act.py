@@ -12,7 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_close, assert_same_memory_format, make_inputs, requires_triton
-from test_dwconv_bn_act import ACTIVATIONS, BN_MODES, SUBSETS, Case, check_case, check_gradient_subset
+from test_dwconv_bn_act import (
+    ACTIVATIONS,
+    BN_MODES,
+    SUBSETS,
+    Case,
+    check_case,
+    check_compile_fullgraph,
+    check_gradient_subset,
+    check_opcheck_backward,
+    check_opcheck_forward,
+)
 
 import fastdw
 from fastdw.ops import dwconv_bn_act
@@ -121,3 +131,16 @@ def test_low_precision_smoke(dtype, training):
     if training:
         assert_close(low.running_mean.double(), ref.running_mean, tol=tol, what="running_mean")
         assert_close(low.running_var.double(), ref.running_var, tol=tol, what="running_var")
+
+
+@pytest.mark.parametrize("sample", ["eval-nchw-all", "train-cl-noaffine-nobias", "eval-rect-s2-d2", "train-float32"])
+def test_opcheck(sample):
+    """Schema, fake kernel (strides included), autograd registration of the Triton ops."""
+    check_opcheck_forward(sample, "triton_")
+    check_opcheck_backward(sample, "triton_")
+
+
+@pytest.mark.parametrize("mode,channels_last,momentum", [("eval", True, 0.1), ("train", False, None)])
+def test_compile_fullgraph(mode, channels_last, momentum):
+    """Traced through the fake kernels; under the interpreter the op stays opaque in the graph."""
+    check_compile_fullgraph(mode, channels_last, momentum, backend="triton")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_close, requires_triton
-from test_se_scale import ACTS, FORMATS, GATES, _assert_same, _input, _torchvision_se
+from test_se_scale import ACTS, FORMATS, GATES, _assert_same, _input, _torchvision_se, check_opcheck
 
 import fastdw
 
@@ -103,3 +103,8 @@ def test_edge_sizes(shape):
 def test_low_precision_smoke(dtype):
     x = _input(2, 16, 4, 4, "nhwc", torch.float64).detach().to(dtype)
     _compare(x, _params(16, 4, dtype=dtype), "relu", "hardsigmoid", tol=3e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_opcheck(fmt):
+    check_opcheck(fmt, "triton_")
