@@ -143,6 +143,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 CPU_DTYPES = (torch.float32, torch.float64)
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_GPU_DTYPE_NAMES = "float16, bfloat16, float32 and float64"
 
 
 def _check_triton(device: torch.device, dtype: torch.dtype) -> None:
@@ -163,7 +164,7 @@ def _check_triton(device: torch.device, dtype: torch.dtype) -> None:
             "was set, so its kernels are compiled for a GPU; set it before the first import"
         )
     if dtype not in GPU_DTYPES:
-        raise TypeError(f"fastdw: backend 'triton' supports float16, bfloat16, float32 and float64, got {dtype}")
+        raise TypeError(f"fastdw: backend 'triton' supports {_GPU_DTYPE_NAMES}, got {dtype}")
 
 
 def resolve(device: torch.device, dtype: torch.dtype) -> str:
@@ -198,10 +199,11 @@ def resolve(device: torch.device, dtype: torch.dtype) -> str:
         return name
     # name == "cuda"
     if not _cuda_kernels():
-        why = _ext_error if not _ext_loaded else "fastdw._C was built without CUDA kernels (build with FASTDW_CUDA=1)"
+        why = _ext_error if not _ext_loaded else (
+            "fastdw._C was built without CUDA kernels (build with FASTDW_CUDA=1)")
         raise RuntimeError(f"fastdw: backend 'cuda' is not available: {why}")
     if device.type != "cuda":
         raise RuntimeError(f"fastdw: backend 'cuda' needs CUDA tensors, got a tensor on {device}")
     if dtype not in GPU_DTYPES:
-        raise TypeError(f"fastdw: backend 'cuda' supports float16, bfloat16, float32 and float64, got {dtype}")
+        raise TypeError(f"fastdw: backend 'cuda' supports {_GPU_DTYPE_NAMES}, got {dtype}")
     return name

@@ -47,8 +47,8 @@ requires_ext = pytest.mark.skipif(
 )
 
 requires_triton = pytest.mark.skipif(
-    not fastdw.backends()["triton"], reason="the triton backend is not usable here (triton missing, no GPU and "
-    "TRITON_INTERPRET unset)"
+    not fastdw.backends()["triton"],
+    reason="the triton backend is not usable here (triton missing, no GPU and TRITON_INTERPRET unset)",
 )
 
 

@@ -203,8 +203,8 @@ def test_opcheck(fmt):
 
 def check_opcheck(fmt: str, prefix: str = "") -> None:
     """opcheck of the C++ ops (prefix '') or their Triton twins (prefix 'triton_')."""
-    shuffle, concat, concat_backward = (getattr(torch.ops.fastdw, prefix + name).default
-                                        for name in ("channel_shuffle", "concat_shuffle", "concat_shuffle_backward"))
+    names = ("channel_shuffle", "concat_shuffle", "concat_shuffle_backward")
+    shuffle, concat, concat_backward = (getattr(torch.ops.fastdw, prefix + name).default for name in names)
     x = _x((2, 12, 3, 5), fmt).requires_grad_()
     for g in (1, 2, 3, 12):
         torch.library.opcheck(shuffle, (x, g))

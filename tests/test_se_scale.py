@@ -234,7 +234,8 @@ def test_opcheck(fmt):
 
 def check_opcheck(fmt: str, prefix: str = "") -> None:
     """opcheck of the C++ ops (prefix '') or their Triton twins (prefix 'triton_')."""
-    op, backward = (getattr(torch.ops.fastdw, prefix + name).default for name in ("se_scale", "se_scale_backward"))
+    op = getattr(torch.ops.fastdw, f"{prefix}se_scale").default
+    backward = getattr(torch.ops.fastdw, f"{prefix}se_scale_backward").default
     torch.manual_seed(0)
     x = _input(2, 16, 3, 5, fmt, torch.float32)
     w1, b1 = torch.randn(4, 16, 1, 1, requires_grad=True), torch.randn(4, requires_grad=True)

@@ -11,7 +11,8 @@ torch.compile both see a pure op. Backward is ``fastdw::dwconv_bn_act_backward``
 op. The Triton backend has twins with the same schema, ``fastdw::triton_dwconv_bn_act`` and
 ``fastdw::triton_dwconv_bn_act_backward`` (fastdw/triton/dwconv_bn_act.py), given the same fake
 kernels and autograd here. Only the input, the (tiny) parameters and per-channel statistics are
-saved for backward: the pre-BN conv output is recomputed there, because a depthwise conv costs less than storing it.
+saved for backward: the pre-BN conv output is recomputed there, because a depthwise conv costs
+less than storing it.
 """
 
 from __future__ import annotations

@@ -14,8 +14,18 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-__all__ = ["act_bwd", "act_fwd", "acc_dtype", "as_4d", "column_sums", "define_op", "interpreting", "launch",
-           "next_pow2", "tile"]
+__all__ = [
+    "act_bwd",
+    "act_fwd",
+    "acc_dtype",
+    "as_4d",
+    "column_sums",
+    "define_op",
+    "interpreting",
+    "launch",
+    "next_pow2",
+    "tile",
+]
 
 ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "hardswish": 3, "silu": 4}
 
@@ -91,9 +101,10 @@ def define_op(name: str):
         if interpreting():
             from torch._subclasses.functional_tensor import FunctionalTensorMode
 
-            op.register_torch_dispatch(FunctionalTensorMode,
-                                       lambda mode, op_, types, args, kwargs: mode.__torch_dispatch__(
-                                           op_, types, args, kwargs))
+            op.register_torch_dispatch(
+                FunctionalTensorMode,
+                lambda mode, op_, types, args, kwargs: mode.__torch_dispatch__(op_, types, args, kwargs),
+            )
         return op
 
     return wrap
@@ -154,6 +165,14 @@ def column_sums(partials: torch.Tensor) -> torch.Tensor:
     t, w = partials.shape
     out = partials.new_zeros((w,))
     bw = min(next_pow2(w), 128)
-    launch(_column_sums_kernel, (triton.cdiv(w, bw),) if t else (0,), partials, out, t, w,
-           BLOCK_T=min(next_pow2(t), 32), BLOCK_W=bw)
+    launch(
+        _column_sums_kernel,
+        (triton.cdiv(w, bw),) if t else (0,),
+        partials,
+        out,
+        t,
+        w,
+        BLOCK_T=min(next_pow2(t), 32),
+        BLOCK_W=bw,
+    )
     return out

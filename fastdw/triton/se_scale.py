@@ -34,9 +34,9 @@ import triton.language as tl
 from fastdw.ops import _layout
 from fastdw.triton._common import (
     ACT_CODES,
+    acc_dtype,
     act_bwd,
     act_fwd,
-    acc_dtype,
     as_4d,
     column_sums,
     define_op,
@@ -70,8 +70,26 @@ def _gate_grad(z, g, GATE: tl.constexpr):
 
 
 @triton.jit
-def _se_reduce_kernel(x_ptr, go_ptr, out_ptr, C, W, P, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
-                      PRODUCT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _se_reduce_kernel(
+    x_ptr,
+    go_ptr,
+    out_ptr,
+    C,
+    W,
+    P,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    sgn,
+    sgc,
+    sgh,
+    sgw,
+    PRODUCT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """out[n, c] = mean over positions of x, or (PRODUCT) sum over positions of go * x. (Scalars
     are divided by the int P in the accumulator's precision: a float argument would be fp32.)"""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -83,11 +101,17 @@ def _se_reduce_kernel(x_ptr, go_ptr, out_ptr, C, W, P, sxn, sxc, sxh, sxw, sgn, 
         m = (offs_p < P)[:, None] & mask_c[None, :]
         hh = (offs_p // W).to(tl.int64)
         ww = offs_p % W
-        v = tl.load(x_ptr + n * sxn + offs_c[None, :].to(tl.int64) * sxc + (hh * sxh + ww * sxw)[:, None],
-                    mask=m, other=0.0).to(ACC)
+        v = tl.load(
+            x_ptr + n * sxn + offs_c[None, :].to(tl.int64) * sxc + (hh * sxh + ww * sxw)[:, None],
+            mask=m,
+            other=0.0,
+        ).to(ACC)
         if PRODUCT:
-            v *= tl.load(go_ptr + n * sgn + offs_c[None, :].to(tl.int64) * sgc + (hh * sgh + ww * sgw)[:, None],
-                         mask=m, other=0.0).to(ACC)
+            v *= tl.load(
+                go_ptr + n * sgn + offs_c[None, :].to(tl.int64) * sgc + (hh * sgh + ww * sgw)[:, None],
+                mask=m,
+                other=0.0,
+            ).to(ACC)
         acc += v
     total = tl.sum(acc, 0)
     if not PRODUCT:
@@ -96,8 +120,18 @@ def _se_reduce_kernel(x_ptr, go_ptr, out_ptr, C, W, P, sxn, sxc, sxh, sxw, sgn, 
 
 
 @triton.jit
-def _fc1(p_ptr, w1_ptr, b1_ptr, n, C, S, HAS_B1: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
-         BLOCK_C: tl.constexpr):
+def _fc1(
+    p_ptr,
+    w1_ptr,
+    b1_ptr,
+    n,
+    C,
+    S,
+    HAS_B1: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """h = W1 p[n] + b1 ([BLOCK_S], zero beyond S), W1 a contiguous [S, C] matrix."""
     offs_s = tl.arange(0, BLOCK_S)
     mask_s = offs_s < S
@@ -106,8 +140,9 @@ def _fc1(p_ptr, w1_ptr, b1_ptr, n, C, S, HAS_B1: tl.constexpr, ACC: tl.constexpr
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         p = tl.load(p_ptr + n * C + offs_c, mask=mask_c, other=0.0).to(ACC)
-        w = tl.load(w1_ptr + offs_s[:, None] * C + offs_c[None, :], mask=mask_s[:, None] & mask_c[None, :],
-                    other=0.0).to(ACC)
+        w = tl.load(
+            w1_ptr + offs_s[:, None] * C + offs_c[None, :], mask=mask_s[:, None] & mask_c[None, :], other=0.0
+        ).to(ACC)
         h += tl.sum(w * p[None, :], 1)
     if HAS_B1:
         h += tl.load(b1_ptr + offs_s, mask=mask_s, other=0.0).to(ACC)
@@ -115,12 +150,16 @@ def _fc1(p_ptr, w1_ptr, b1_ptr, n, C, S, HAS_B1: tl.constexpr, ACC: tl.constexpr
 
 
 @triton.jit
-def _fc2_chunk(a, w2_ptr, b2_ptr, offs_c, mask_c, S, HAS_B2: tl.constexpr, ACC: tl.constexpr,
-               BLOCK_S: tl.constexpr):
+def _fc2_chunk(
+    a, w2_ptr, b2_ptr, offs_c, mask_c, S, HAS_B2: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr
+):
     """z[offs_c] = W2[offs_c, :] a + b2, and the [BLOCK_S, BLOCK_C] W2 tile (transposed) it used."""
     offs_s = tl.arange(0, BLOCK_S)
-    w = tl.load(w2_ptr + offs_c[None, :] * S + offs_s[:, None], mask=(offs_s < S)[:, None] & mask_c[None, :],
-                other=0.0).to(ACC)
+    w = tl.load(
+        w2_ptr + offs_c[None, :] * S + offs_s[:, None],
+        mask=(offs_s < S)[:, None] & mask_c[None, :],
+        other=0.0,
+    ).to(ACC)
     z = tl.sum(w * a[:, None], 0)
     if HAS_B2:
         z += tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
@@ -128,9 +167,23 @@ def _fc2_chunk(a, w2_ptr, b2_ptr, offs_c, mask_c, S, HAS_B2: tl.constexpr, ACC: 
 
 
 @triton.jit
-def _se_gate_kernel(p_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, C, S, HAS_B1: tl.constexpr,
-                    HAS_B2: tl.constexpr, ACT: tl.constexpr, GATE: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+def _se_gate_kernel(
+    p_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    gate_ptr,
+    C,
+    S,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    ACT: tl.constexpr,
+    GATE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """gate[n] = gate(W2 act(W1 p[n] + b1) + b2), a program per n."""
     n = tl.program_id(0).to(tl.int64)
     a = act_fwd(_fc1(p_ptr, w1_ptr, b1_ptr, n, C, S, HAS_B1, ACC, BLOCK_S, BLOCK_C), ACT)
@@ -142,9 +195,28 @@ def _se_gate_kernel(p_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, C, S, HAS_B
 
 
 @triton.jit
-def _se_gate_backward_kernel(p_ptr, dg_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, dz_ptr, a_ptr, dh_ptr, dp_ptr,
-                             C, S, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACT: tl.constexpr,
-                             GATE: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+def _se_gate_backward_kernel(
+    p_ptr,
+    dg_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    gate_ptr,
+    dz_ptr,
+    a_ptr,
+    dh_ptr,
+    dp_ptr,
+    C,
+    S,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    ACT: tl.constexpr,
+    GATE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Per n: gate, dz = dg gate'(z), a = act(h), dh = (dz W2) act'(h), dp = dh W1."""
     n = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
@@ -168,29 +240,49 @@ def _se_gate_backward_kernel(p_ptr, dg_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        w = tl.load(w1_ptr + offs_s[:, None] * C + offs_c[None, :], mask=mask_s[:, None] & mask_c[None, :],
-                    other=0.0).to(ACC)
+        w = tl.load(
+            w1_ptr + offs_s[:, None] * C + offs_c[None, :], mask=mask_s[:, None] & mask_c[None, :], other=0.0
+        ).to(ACC)
         tl.store(dp_ptr + n * C + offs_c, tl.sum(w * dh[:, None], 0), mask=mask_c)
 
 
 @triton.jit
-def _outer_sum_kernel(u_ptr, v_ptr, out_ptr, N, I, J, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """out[i, j] = sum_n u[n, i] v[n, j] (u [N, I], v [N, J] contiguous), in their dtype."""
+def _outer_sum_kernel(u_ptr, v_ptr, out_ptr, N, ROWS, COLS, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """out[i, j] = sum_n u[n, i] v[n, j] (u [N, ROWS], v [N, COLS] contiguous), in their dtype."""
     offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    mi = offs_i < I
-    mj = offs_j < J
+    mi = offs_i < ROWS
+    mj = offs_j < COLS
     acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=out_ptr.dtype.element_ty)
     for n in range(0, N):
-        u = tl.load(u_ptr + n * I + offs_i, mask=mi, other=0.0)
-        v = tl.load(v_ptr + n * J + offs_j, mask=mj, other=0.0)
+        u = tl.load(u_ptr + n * ROWS + offs_i, mask=mi, other=0.0)
+        v = tl.load(v_ptr + n * COLS + offs_j, mask=mj, other=0.0)
         acc += u[:, None] * v[None, :]
-    tl.store(out_ptr + offs_i[:, None] * J + offs_j[None, :], acc, mask=mi[:, None] & mj[None, :])
+    tl.store(out_ptr + offs_i[:, None] * COLS + offs_j[None, :], acc, mask=mi[:, None] & mj[None, :])
 
 
 @triton.jit
-def _se_scale_kernel(a_ptr, gate_ptr, add_ptr, out_ptr, C, W, P, san, sac, sah, saw, son, soc, soh, sow,
-                     ADD: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _se_scale_kernel(
+    a_ptr,
+    gate_ptr,
+    add_ptr,
+    out_ptr,
+    C,
+    W,
+    P,
+    san,
+    sac,
+    sah,
+    saw,
+    son,
+    soc,
+    soh,
+    sow,
+    ADD: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """out = a * gate[n, c] (+ add[n, c] / P): forward scale and backward dx."""
     n = tl.program_id(2).to(tl.int64)
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -204,7 +296,9 @@ def _se_scale_kernel(a_ptr, gate_ptr, add_ptr, out_ptr, C, W, P, san, sac, sah, 
     v = v * tl.load(gate_ptr + n * C + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :]
     if ADD:
         v += (tl.load(add_ptr + n * C + offs_c, mask=mask_c, other=0.0).to(ACC) / P)[None, :]
-    tl.store(out_ptr + n * son + c64 * soc + (hh * soh + ww * sow)[:, None], v.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(
+        out_ptr + n * son + c64 * soc + (hh * soh + ww * sow)[:, None], v.to(out_ptr.dtype.element_ty), mask=m
+    )
 
 
 # ---- host side ----------------------------------------------------------------------------------------
@@ -220,8 +314,23 @@ def _launch_scale(a, gate, out, add=None):
     n, c, _, w = o4.shape
     p = o4.shape[2] * w
     bp, bc = tile(_layout.is_channels_last(out), c, p)
-    launch(_se_scale_kernel, (triton.cdiv(p, bp), triton.cdiv(c, bc), n), a4, gate, gate if add is None else add, o4,
-           c, w, p, *strides(a4), *strides(o4), ADD=add is not None, ACC=tl_acc(out.dtype), BLOCK_P=bp, BLOCK_C=bc)
+    launch(
+        _se_scale_kernel,
+        (triton.cdiv(p, bp), triton.cdiv(c, bc), n),
+        a4,
+        gate,
+        gate if add is None else add,
+        o4,
+        c,
+        w,
+        p,
+        *strides(a4),
+        *strides(o4),
+        ADD=add is not None,
+        ACC=tl_acc(out.dtype),
+        BLOCK_P=bp,
+        BLOCK_C=bc,
+    )
 
 
 def _reduce(x, go, out):
@@ -230,14 +339,33 @@ def _reduce(x, go, out):
     p = x4.shape[2] * w
     bp, bc = tile(_layout.is_channels_last(x), c, p)
     g4 = as_4d(go) if go is not None else x4
-    launch(_se_reduce_kernel, (triton.cdiv(c, bc), n), x4, g4, out, c, w, p, *strides(x4), *strides(g4),
-           PRODUCT=go is not None, ACC=tl_acc(x.dtype), BLOCK_P=bp, BLOCK_C=bc)
+    launch(
+        _se_reduce_kernel,
+        (triton.cdiv(c, bc), n),
+        x4,
+        g4,
+        out,
+        c,
+        w,
+        p,
+        *strides(x4),
+        *strides(g4),
+        PRODUCT=go is not None,
+        ACC=tl_acc(x.dtype),
+        BLOCK_P=bp,
+        BLOCK_C=bc,
+    )
 
 
 @define_op("triton_se_scale")
 def triton_se_scale(
-    x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
-    fc2_bias: torch.Tensor | None, activation: str, gate: str,
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    activation: str,
+    gate: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n, c = x.shape[0], x.shape[1]
     s = fc1_weight.shape[0]
@@ -246,19 +374,40 @@ def triton_se_scale(
     _reduce(x, None, pooled)
     g = torch.empty((n, c), dtype=acc_dtype(x.dtype), device=x.device)
     w1, w2 = fc1_weight.reshape(s, c).contiguous(), fc2_weight.reshape(c, s).contiguous()
-    launch(_se_gate_kernel, (n,), pooled, w1, fc1_bias if fc1_bias is not None else w1, w2,
-           fc2_bias if fc2_bias is not None else w2, g, c, s, HAS_B1=fc1_bias is not None,
-           HAS_B2=fc2_bias is not None, ACT=ACT_CODES[activation], GATE=GATE_CODES[gate], ACC=tl_acc(x.dtype),
-           **_fc_blocks(s, c))
+    launch(
+        _se_gate_kernel,
+        (n,),
+        pooled,
+        w1,
+        fc1_bias if fc1_bias is not None else w1,
+        w2,
+        fc2_bias if fc2_bias is not None else w2,
+        g,
+        c,
+        s,
+        HAS_B1=fc1_bias is not None,
+        HAS_B2=fc2_bias is not None,
+        ACT=ACT_CODES[activation],
+        GATE=GATE_CODES[gate],
+        ACC=tl_acc(x.dtype),
+        **_fc_blocks(s, c),
+    )
     _launch_scale(x, g, out)
     return out, pooled
 
 
 @define_op("triton_se_scale_backward")
 def triton_se_scale_backward(
-    grad_out: torch.Tensor, x: torch.Tensor, pooled: torch.Tensor, fc1_weight: torch.Tensor,
-    fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor | None, activation: str,
-    gate: str, output_mask: list[bool],
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    pooled: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    activation: str,
+    gate: str,
+    output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n, c = x.shape[0], x.shape[1]
     s = fc1_weight.shape[0]
@@ -269,10 +418,29 @@ def triton_se_scale_backward(
     g, dz, dp = torch.empty_like(dg), torch.empty_like(dg), torch.empty_like(dg)
     a, dh = torch.empty((n, s), dtype=acc, device=x.device), torch.empty((n, s), dtype=acc, device=x.device)
     w1, w2 = fc1_weight.reshape(s, c).contiguous(), fc2_weight.reshape(c, s).contiguous()
-    launch(_se_gate_backward_kernel, (n,), pooled, dg, w1, fc1_bias if fc1_bias is not None else w1, w2,
-           fc2_bias if fc2_bias is not None else w2, g, dz, a, dh, dp, c, s, HAS_B1=fc1_bias is not None,
-           HAS_B2=fc2_bias is not None, ACT=ACT_CODES[activation], GATE=GATE_CODES[gate], ACC=tl_acc(x.dtype),
-           **_fc_blocks(s, c))
+    launch(
+        _se_gate_backward_kernel,
+        (n,),
+        pooled,
+        dg,
+        w1,
+        fc1_bias if fc1_bias is not None else w1,
+        w2,
+        fc2_bias if fc2_bias is not None else w2,
+        g,
+        dz,
+        a,
+        dh,
+        dp,
+        c,
+        s,
+        HAS_B1=fc1_bias is not None,
+        HAS_B2=fc2_bias is not None,
+        ACT=ACT_CODES[activation],
+        GATE=GATE_CODES[gate],
+        ACC=tl_acc(x.dtype),
+        **_fc_blocks(s, c),
+    )
     gx = x.new_empty((0,))
     if output_mask[0]:
         gx = _layout.empty(x, x.shape, _layout.is_channels_last(x))
@@ -281,14 +449,27 @@ def triton_se_scale_backward(
     def outer(u, v, like):  # sum_n u[n]^T v[n], shaped and typed like the weight
         out = torch.empty((u.shape[1], v.shape[1]), dtype=acc, device=x.device)
         bi, bj = min(next_pow2(u.shape[1]), 32), min(next_pow2(v.shape[1]), 64)
-        launch(_outer_sum_kernel, (triton.cdiv(u.shape[1], bi), triton.cdiv(v.shape[1], bj)), u, v, out, n,
-               u.shape[1], v.shape[1], BLOCK_I=bi, BLOCK_J=bj)
+        launch(
+            _outer_sum_kernel,
+            (triton.cdiv(u.shape[1], bi), triton.cdiv(v.shape[1], bj)),
+            u,
+            v,
+            out,
+            n,
+            u.shape[1],
+            v.shape[1],
+            BLOCK_I=bi,
+            BLOCK_J=bj,
+        )
         return out.reshape(like.shape).to(like.dtype)
 
     def bias(flag, t, rows):
         return column_sums(rows).to(t.dtype) if (flag and t is not None) else x.new_empty((0,))
 
-    return (gx, outer(dh, pooled.to(acc), fc1_weight) if output_mask[1] else x.new_empty((0,)),
-            bias(output_mask[2], fc1_bias, dh),
-            outer(dz, a, fc2_weight) if output_mask[3] else x.new_empty((0,)),
-            bias(output_mask[4], fc2_bias, dz))
+    return (
+        gx,
+        outer(dh, pooled.to(acc), fc1_weight) if output_mask[1] else x.new_empty((0,)),
+        bias(output_mask[2], fc1_bias, dh),
+        outer(dz, a, fc2_weight) if output_mask[3] else x.new_empty((0,)),
+        bias(output_mask[4], fc2_bias, dz),
+    )
