@@ -187,23 +187,24 @@ def resolve(device: torch.device, dtype: torch.dtype) -> str:
     if name == "reference":
         return name
     if name == "cpu":
-        if not _ext_loaded:
-            raise RuntimeError(f"fastdw: backend 'cpu' is not available: {_ext_error}")
-        if device.type != "cpu":
-            raise RuntimeError(f"fastdw: backend 'cpu' needs CPU tensors, got a tensor on {device}")
-        if dtype not in CPU_DTYPES:
-            raise TypeError(f"fastdw: backend 'cpu' supports float32 and float64, got {dtype}")
-        return name
-    if name == "triton":
-        _check_triton(device, dtype)
-        return name
-    # name == "cuda"
-    if not _cuda_kernels():
-        why = _ext_error if not _ext_loaded else (
+        missing = None if _ext_loaded else _ext_error
+        _check_compiled(name, missing, device, dtype, CPU_DTYPES, "float32 and float64")
+    elif name == "cuda":
+        missing = None if _cuda_kernels() else _ext_error if not _ext_loaded else (
             "fastdw._C was built without CUDA kernels (build with FASTDW_CUDA=1)")
-        raise RuntimeError(f"fastdw: backend 'cuda' is not available: {why}")
-    if device.type != "cuda":
-        raise RuntimeError(f"fastdw: backend 'cuda' needs CUDA tensors, got a tensor on {device}")
-    if dtype not in GPU_DTYPES:
-        raise TypeError(f"fastdw: backend 'cuda' supports {_GPU_DTYPE_NAMES}, got {dtype}")
+        _check_compiled(name, missing, device, dtype, GPU_DTYPES, _GPU_DTYPE_NAMES)
+    else:
+        _check_triton(device, dtype)
     return name
+
+
+def _check_compiled(name: str, missing: str | None, device: torch.device, dtype: torch.dtype, dtypes,
+                    dtype_names: str) -> None:
+    """Raises unless the C++ backend ``name`` ('cpu' or 'cuda') is built (``missing`` says why not)
+    and runs on tensors of this device and dtype."""
+    if missing is not None:
+        raise RuntimeError(f"fastdw: backend '{name}' is not available: {missing}")
+    if device.type != name:
+        raise RuntimeError(f"fastdw: backend '{name}' needs {name.upper()} tensors, got a tensor on {device}")
+    if dtype not in dtypes:
+        raise TypeError(f"fastdw: backend '{name}' supports {dtype_names}, got {dtype}")

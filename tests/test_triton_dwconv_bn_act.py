@@ -39,16 +39,8 @@ CASES_F64 = [
     Case((2, 6, 8, 8), 3, stride=2, training=True, activation="relu", bn="noaffine", channels_last=True),
     Case((2, 6, 8, 8), 3, stride=2, training=False, activation="relu", bn="none", bias=True),
     Case((2, 4, 7, 6), (3, 5), padding=(2, 1), training=True, activation="none", bias=True),
-    Case(
-        (2, 4, 7, 6),
-        (5, 3),
-        stride=(2, 1),
-        dilation=(1, 2),
-        padding=(2, 0),
-        training=False,
-        channels_last=True,
-        activation="none",
-    ),
+    Case((2, 4, 7, 6), (5, 3), stride=(2, 1), dilation=(1, 2), padding=(2, 0), training=False,
+         channels_last=True, activation="none"),
     Case((2, 17, 6, 6), 3, training=True, activation="silu", channels_last=True, bias=True, momentum=None),
     Case((1, 24, 3, 3), 3, training=False, activation="relu6", channels_last=True, bias=True),
     Case((2, 1, 6, 5), 3, training=True, activation="hardswish", bias=True),
@@ -98,28 +90,11 @@ def test_shuffled_input(channels_last, training, groups, stride):
     kw = dict(training=training, stride=stride, activation="hardswish")
     fused, ref = inp.clone(), inp.clone()
     with fastdw.use_backend("triton"):
-        out = dwconv_bn_act(
-            fused.x,
-            fused.weight,
-            fused.bias,
-            fused.bn_weight,
-            fused.bn_bias,
-            fused.running_mean,
-            fused.running_var,
-            input_shuffle_groups=groups,
-            **kw,
-        )
+        out = dwconv_bn_act(fused.x, fused.weight, fused.bias, fused.bn_weight, fused.bn_bias,
+                            fused.running_mean, fused.running_var, input_shuffle_groups=groups, **kw)
     with fastdw.use_backend("reference"):
-        want = dwconv_bn_act(
-            F.channel_shuffle(ref.x, groups),
-            ref.weight,
-            ref.bias,
-            ref.bn_weight,
-            ref.bn_bias,
-            ref.running_mean,
-            ref.running_var,
-            **kw,
-        )
+        want = dwconv_bn_act(F.channel_shuffle(ref.x, groups), ref.weight, ref.bias, ref.bn_weight,
+                             ref.bn_bias, ref.running_mean, ref.running_var, **kw)
     assert_close(out, want, what="output")
     assert_same_memory_format(out, inp.x)
     go = torch.randn_like(want)
@@ -138,13 +113,11 @@ def test_low_precision_smoke(dtype, training):
     low, ref = inp.clone(dtype), inp.clone()
     kw = dict(training=training, activation="silu")
     with fastdw.use_backend("triton"):
-        out = dwconv_bn_act(
-            low.x, low.weight, low.bias, low.bn_weight, low.bn_bias, low.running_mean, low.running_var, **kw
-        )
+        out = dwconv_bn_act(low.x, low.weight, low.bias, low.bn_weight, low.bn_bias, low.running_mean,
+                            low.running_var, **kw)
     with fastdw.use_backend("reference"):
-        want = dwconv_bn_act(
-            ref.x, ref.weight, ref.bias, ref.bn_weight, ref.bn_bias, ref.running_mean, ref.running_var, **kw
-        )
+        want = dwconv_bn_act(ref.x, ref.weight, ref.bias, ref.bn_weight, ref.bn_bias, ref.running_mean,
+                             ref.running_var, **kw)
     assert out.dtype == dtype
     assert_same_memory_format(out, inp.x)
     tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
@@ -160,9 +133,8 @@ def test_low_precision_smoke(dtype, training):
         assert_close(low.running_var.double(), ref.running_var, tol=tol, what="running_var")
 
 
-@pytest.mark.parametrize(
-    "sample", ["eval-nchw-all", "train-cl-noaffine-nobias", "eval-rect-s2-d2", "train-float32"]
-)
+@pytest.mark.parametrize("sample", ["eval-nchw-all", "train-cl-noaffine-nobias", "eval-rect-s2-d2",
+                                    "train-float32"])
 def test_opcheck(sample):
     """Schema, fake kernel (strides included), autograd registration of the Triton ops."""
     check_opcheck_forward(sample, "triton_")

@@ -29,10 +29,8 @@ def _compare(x, params, act, gate, tol=1e-10, want=("x", "w1", "b1", "w2", "b2")
     results = {}
     gy = torch.randn(x.shape, dtype=torch.float64).to(x.dtype)
     for be in ("triton", "reference"):
-        leaves = [
-            t.detach().clone(memory_format=torch.preserve_format) if t is not None else None
-            for t in (x, *params)
-        ]
+        leaves = [t.detach().clone(memory_format=torch.preserve_format) if t is not None else None
+                  for t in (x, *params)]
         if be == "reference":
             leaves = [t.double() if t is not None else None for t in leaves]
         for name, t in zip(names, leaves, strict=True):
@@ -44,9 +42,8 @@ def _compare(x, params, act, gate, tol=1e-10, want=("x", "w1", "b1", "w2", "b2")
         results[be] = (y, *torch.autograd.grad(y, inputs, gy.to(y.dtype)))
     got, expected = results["triton"], results["reference"]
     assert got[0].dtype == x.dtype
-    assert got[0].is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(
-        memory_format=torch.channels_last
-    )
+    cl = torch.channels_last
+    assert got[0].is_contiguous(memory_format=cl) == x.is_contiguous(memory_format=cl)
     for a, b in zip(got, expected, strict=True):
         assert_close(a.double(), b, tol=tol)
 
@@ -86,9 +83,8 @@ def test_derivative_conventions_at_kinks():
     _compare(x, [w1, b1, w2, b2], "relu", "hardsigmoid", tol=1e-15)
 
 
-@pytest.mark.parametrize(
-    "shape, fmt", [((2, 12, 7), None), ((2, 12, 3, 2, 4), None), ((2, 12, 3, 2, 4), torch.channels_last_3d)]
-)
+@pytest.mark.parametrize("shape, fmt", [((2, 12, 7), None), ((2, 12, 3, 2, 4), None),
+                                        ((2, 12, 3, 2, 4), torch.channels_last_3d)])
 def test_other_ranks(shape, fmt):
     x = torch.randn(shape, dtype=torch.float64)
     if fmt is not None:
@@ -107,9 +103,8 @@ def test_edge_sizes(shape):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_smoke(dtype):
     x = _input(2, 16, 4, 4, "nhwc", torch.float64).detach().to(dtype)
-    _compare(
-        x, _params(16, 4, dtype=dtype), "relu", "hardsigmoid", tol=3e-2 if dtype == torch.bfloat16 else 5e-3
-    )
+    tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
+    _compare(x, _params(16, 4, dtype=dtype), "relu", "hardsigmoid", tol=tol)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -14,18 +14,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-__all__ = [
-    "act_bwd",
-    "act_fwd",
-    "acc_dtype",
-    "as_4d",
-    "column_sums",
-    "define_op",
-    "interpreting",
-    "launch",
-    "next_pow2",
-    "tile",
-]
+__all__ = ["act_bwd", "act_fwd", "acc_dtype", "as_4d", "column_sums", "define_op", "interpreting", "launch",
+           "next_pow2", "program_tile", "tile", "tile_ptrs"]
 
 ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "hardswish": 3, "silu": 4}
 
@@ -101,13 +91,32 @@ def define_op(name: str):
         if interpreting():
             from torch._subclasses.functional_tensor import FunctionalTensorMode
 
-            op.register_torch_dispatch(
-                FunctionalTensorMode,
-                lambda mode, op_, types, args, kwargs: mode.__torch_dispatch__(op_, types, args, kwargs),
-            )
+            op.register_torch_dispatch(FunctionalTensorMode,
+                                       lambda mode, op_, types, args, kwargs: mode.__torch_dispatch__(
+                                           op_, types, args, kwargs))
         return op
 
     return wrap
+
+
+# ---- tiles -------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def program_tile(P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile in a (position tiles, channel blocks, N) grid: n (int64), the flattened
+    positions and channels it owns, and their masks."""
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return tl.program_id(2).to(tl.int64), offs_p, offs_c, offs_p < P, offs_c < C
+
+
+@triton.jit
+def tile_ptrs(ptr, n, chans, offs_p, W, sn, sc, sh, sw):
+    """[positions, channels] pointers into image n of an [N, C, H, W] tensor addressed by its
+    strides; position p is (p // W, p % W), channel indices are any [BLOCK_C] vector."""
+    hw = (offs_p // W).to(tl.int64) * sh + (offs_p % W) * sw
+    return ptr + n * sn + chans.to(tl.int64)[None, :] * sc + hw[:, None]
 
 
 # ---- activations (PyTorch's conventions at the kinks) ---------------------------------------------
@@ -165,14 +174,6 @@ def column_sums(partials: torch.Tensor) -> torch.Tensor:
     t, w = partials.shape
     out = partials.new_zeros((w,))
     bw = min(next_pow2(w), 128)
-    launch(
-        _column_sums_kernel,
-        (triton.cdiv(w, bw),) if t else (0,),
-        partials,
-        out,
-        t,
-        w,
-        BLOCK_T=min(next_pow2(t), 32),
-        BLOCK_W=bw,
-    )
+    launch(_column_sums_kernel, (triton.cdiv(w, bw),) if t else (0,), partials, out, t, w,
+           BLOCK_T=min(next_pow2(t), 32), BLOCK_W=bw)
     return out

@@ -21,75 +21,28 @@ import triton
 import triton.language as tl
 
 from fastdw.ops import _layout
-from fastdw.triton._common import as_4d, define_op, launch, strides, tile
+from fastdw.triton._common import as_4d, define_op, launch, program_tile, strides, tile, tile_ptrs
 
 
 @triton.jit
-def _shuffle_kernel(
-    x_ptr,
-    out_ptr,
-    C,
-    W,
-    P,
-    GROUPS,
-    sxn,
-    sxc,
-    sxh,
-    sxw,
-    son,
-    soc,
-    soh,
-    sow,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    n = tl.program_id(2).to(tl.int64)
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m = (offs_p < P)[:, None] & (offs_c < C)[None, :]
-    hh = (offs_p // W).to(tl.int64)
-    ww = offs_p % W
-    src = ((offs_c % GROUPS) * (C // GROUPS) + offs_c // GROUPS).to(tl.int64)
-    v = tl.load(x_ptr + n * sxn + src[None, :] * sxc + (hh * sxh + ww * sxw)[:, None], mask=m)
-    tl.store(
-        out_ptr + n * son + offs_c.to(tl.int64)[None, :] * soc + (hh * soh + ww * sow)[:, None], v, mask=m
-    )
+def _shuffle_kernel(x_ptr, out_ptr, C, W, P, GROUPS, sxn, sxc, sxh, sxw, son, soc, soh, sow,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    n, offs_p, offs_c, mask_p, mask_c = program_tile(P, C, BLOCK_P, BLOCK_C)
+    m = mask_p[:, None] & mask_c[None, :]
+    src = (offs_c % GROUPS) * (C // GROUPS) + offs_c // GROUPS
+    v = tl.load(tile_ptrs(x_ptr, n, src, offs_p, W, sxn, sxc, sxh, sxw), mask=m)
+    tl.store(tile_ptrs(out_ptr, n, offs_c, offs_p, W, son, soc, soh, sow), v, mask=m)
 
 
 @triton.jit
-def _interleave_kernel(
-    a_ptr,
-    b_ptr,
-    j_ptr,
-    C,
-    W,
-    P,
-    san,
-    sac,
-    sah,
-    saw,
-    sbn,
-    sbc,
-    sbh,
-    sbw,
-    sjn,
-    sjc,
-    sjh,
-    sjw,
-    SPLIT: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
+def _interleave_kernel(a_ptr, b_ptr, j_ptr, C, W, P, san, sac, sah, saw, sbn, sbc, sbh, sbw,
+                       sjn, sjc, sjh, sjw, SPLIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Joined j (2C channels) <-> halves a, b (C channels each): j[2k] = a[k], j[2k + 1] = b[k]."""
-    n = tl.program_id(2).to(tl.int64)
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    k = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    m = (offs_p < P)[:, None] & (k < C)[None, :]
-    hh = (offs_p // W).to(tl.int64)
-    ww = offs_p % W
-    pa = a_ptr + n * san + k[None, :] * sac + (hh * sah + ww * saw)[:, None]
-    pb = b_ptr + n * sbn + k[None, :] * sbc + (hh * sbh + ww * sbw)[:, None]
-    pj = j_ptr + n * sjn + (2 * k)[None, :] * sjc + (hh * sjh + ww * sjw)[:, None]
+    n, offs_p, k, mask_p, mask_k = program_tile(P, C, BLOCK_P, BLOCK_C)
+    m = mask_p[:, None] & mask_k[None, :]
+    pa = tile_ptrs(a_ptr, n, k, offs_p, W, san, sac, sah, saw)
+    pb = tile_ptrs(b_ptr, n, k, offs_p, W, sbn, sbc, sbh, sbw)
+    pj = tile_ptrs(j_ptr, n, 2 * k, offs_p, W, sjn, sjc, sjh, sjw)
     if SPLIT:
         tl.store(pa, tl.load(pj, mask=m), mask=m)
         tl.store(pb, tl.load(pj + sjc, mask=m), mask=m)
@@ -110,19 +63,8 @@ def triton_channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     out = _layout.empty(x, x.shape, cl)
     x4, o4 = as_4d(x), as_4d(out)
     grid, blocks = _grid(o4, x.shape[1], cl)
-    launch(
-        _shuffle_kernel,
-        grid,
-        x4,
-        o4,
-        x.shape[1],
-        o4.shape[3],
-        o4.shape[2] * o4.shape[3],
-        groups,
-        *strides(x4),
-        *strides(o4),
-        **blocks,
-    )
+    launch(_shuffle_kernel, grid, x4, o4, x.shape[1], o4.shape[3], o4.shape[2] * o4.shape[3], groups,
+           *strides(x4), *strides(o4), **blocks)
     return out
 
 
@@ -132,21 +74,8 @@ def triton_concat_shuffle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = _layout.empty(a, (a.shape[0], 2 * a.shape[1], *a.shape[2:]), cl)
     a4, b4, o4 = as_4d(a), as_4d(b), as_4d(out)
     grid, blocks = _grid(a4, a.shape[1], cl)
-    launch(
-        _interleave_kernel,
-        grid,
-        a4,
-        b4,
-        o4,
-        a.shape[1],
-        a4.shape[3],
-        a4.shape[2] * a4.shape[3],
-        *strides(a4),
-        *strides(b4),
-        *strides(o4),
-        SPLIT=False,
-        **blocks,
-    )
+    launch(_interleave_kernel, grid, a4, b4, o4, a.shape[1], a4.shape[3], a4.shape[2] * a4.shape[3],
+           *strides(a4), *strides(b4), *strides(o4), SPLIT=False, **blocks)
     return out
 
 
@@ -157,19 +86,6 @@ def triton_concat_shuffle_backward(grad_out: torch.Tensor) -> tuple[torch.Tensor
     ga, gb = _layout.empty(grad_out, shape, cl), _layout.empty(grad_out, shape, cl)
     g4, a4, b4 = as_4d(grad_out), as_4d(ga), as_4d(gb)
     grid, blocks = _grid(a4, shape[1], cl)
-    launch(
-        _interleave_kernel,
-        grid,
-        a4,
-        b4,
-        g4,
-        shape[1],
-        a4.shape[3],
-        a4.shape[2] * a4.shape[3],
-        *strides(a4),
-        *strides(b4),
-        *strides(g4),
-        SPLIT=True,
-        **blocks,
-    )
+    launch(_interleave_kernel, grid, a4, b4, g4, shape[1], a4.shape[3], a4.shape[2] * a4.shape[3],
+           *strides(a4), *strides(b4), *strides(g4), SPLIT=True, **blocks)
     return ga, gb

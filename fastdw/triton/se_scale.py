@@ -42,8 +42,10 @@ from fastdw.triton._common import (
     define_op,
     launch,
     next_pow2,
+    program_tile,
     strides,
     tile,
+    tile_ptrs,
     tl_acc,
 )
 
@@ -70,26 +72,8 @@ def _gate_grad(z, g, GATE: tl.constexpr):
 
 
 @triton.jit
-def _se_reduce_kernel(
-    x_ptr,
-    go_ptr,
-    out_ptr,
-    C,
-    W,
-    P,
-    sxn,
-    sxc,
-    sxh,
-    sxw,
-    sgn,
-    sgc,
-    sgh,
-    sgw,
-    PRODUCT: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
+def _se_reduce_kernel(x_ptr, go_ptr, out_ptr, C, W, P, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+                      PRODUCT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[n, c] = mean over positions of x, or (PRODUCT) sum over positions of go * x. (Scalars
     are divided by the int P in the accumulator's precision: a float argument would be fp32.)"""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -99,19 +83,10 @@ def _se_reduce_kernel(
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         m = (offs_p < P)[:, None] & mask_c[None, :]
-        hh = (offs_p // W).to(tl.int64)
-        ww = offs_p % W
-        v = tl.load(
-            x_ptr + n * sxn + offs_c[None, :].to(tl.int64) * sxc + (hh * sxh + ww * sxw)[:, None],
-            mask=m,
-            other=0.0,
-        ).to(ACC)
+        v = tl.load(tile_ptrs(x_ptr, n, offs_c, offs_p, W, sxn, sxc, sxh, sxw), mask=m, other=0.0).to(ACC)
         if PRODUCT:
-            v *= tl.load(
-                go_ptr + n * sgn + offs_c[None, :].to(tl.int64) * sgc + (hh * sgh + ww * sgw)[:, None],
-                mask=m,
-                other=0.0,
-            ).to(ACC)
+            g = tl.load(tile_ptrs(go_ptr, n, offs_c, offs_p, W, sgn, sgc, sgh, sgw), mask=m, other=0.0)
+            v *= g.to(ACC)
         acc += v
     total = tl.sum(acc, 0)
     if not PRODUCT:
@@ -120,18 +95,8 @@ def _se_reduce_kernel(
 
 
 @triton.jit
-def _fc1(
-    p_ptr,
-    w1_ptr,
-    b1_ptr,
-    n,
-    C,
-    S,
-    HAS_B1: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
+def _fc1(p_ptr, w1_ptr, b1_ptr, n, C, S, HAS_B1: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+         BLOCK_C: tl.constexpr):
     """h = W1 p[n] + b1 ([BLOCK_S], zero beyond S), W1 a contiguous [S, C] matrix."""
     offs_s = tl.arange(0, BLOCK_S)
     mask_s = offs_s < S
@@ -140,9 +105,8 @@ def _fc1(
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         p = tl.load(p_ptr + n * C + offs_c, mask=mask_c, other=0.0).to(ACC)
-        w = tl.load(
-            w1_ptr + offs_s[:, None] * C + offs_c[None, :], mask=mask_s[:, None] & mask_c[None, :], other=0.0
-        ).to(ACC)
+        w = tl.load(w1_ptr + offs_s[:, None] * C + offs_c[None, :], mask=mask_s[:, None] & mask_c[None, :],
+                    other=0.0).to(ACC)
         h += tl.sum(w * p[None, :], 1)
     if HAS_B1:
         h += tl.load(b1_ptr + offs_s, mask=mask_s, other=0.0).to(ACC)
@@ -150,16 +114,12 @@ def _fc1(
 
 
 @triton.jit
-def _fc2_chunk(
-    a, w2_ptr, b2_ptr, offs_c, mask_c, S, HAS_B2: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr
-):
+def _fc2_chunk(a, w2_ptr, b2_ptr, offs_c, mask_c, S, HAS_B2: tl.constexpr, ACC: tl.constexpr,
+               BLOCK_S: tl.constexpr):
     """z[offs_c] = W2[offs_c, :] a + b2, and the [BLOCK_S, BLOCK_C] W2 tile (transposed) it used."""
     offs_s = tl.arange(0, BLOCK_S)
-    w = tl.load(
-        w2_ptr + offs_c[None, :] * S + offs_s[:, None],
-        mask=(offs_s < S)[:, None] & mask_c[None, :],
-        other=0.0,
-    ).to(ACC)
+    w = tl.load(w2_ptr + offs_c[None, :] * S + offs_s[:, None], mask=(offs_s < S)[:, None] & mask_c[None, :],
+                other=0.0).to(ACC)
     z = tl.sum(w * a[:, None], 0)
     if HAS_B2:
         z += tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
@@ -167,23 +127,9 @@ def _fc2_chunk(
 
 
 @triton.jit
-def _se_gate_kernel(
-    p_ptr,
-    w1_ptr,
-    b1_ptr,
-    w2_ptr,
-    b2_ptr,
-    gate_ptr,
-    C,
-    S,
-    HAS_B1: tl.constexpr,
-    HAS_B2: tl.constexpr,
-    ACT: tl.constexpr,
-    GATE: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
+def _se_gate_kernel(p_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, C, S, HAS_B1: tl.constexpr,
+                    HAS_B2: tl.constexpr, ACT: tl.constexpr, GATE: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """gate[n] = gate(W2 act(W1 p[n] + b1) + b2), a program per n."""
     n = tl.program_id(0).to(tl.int64)
     a = act_fwd(_fc1(p_ptr, w1_ptr, b1_ptr, n, C, S, HAS_B1, ACC, BLOCK_S, BLOCK_C), ACT)
@@ -195,28 +141,10 @@ def _se_gate_kernel(
 
 
 @triton.jit
-def _se_gate_backward_kernel(
-    p_ptr,
-    dg_ptr,
-    w1_ptr,
-    b1_ptr,
-    w2_ptr,
-    b2_ptr,
-    gate_ptr,
-    dz_ptr,
-    a_ptr,
-    dh_ptr,
-    dp_ptr,
-    C,
-    S,
-    HAS_B1: tl.constexpr,
-    HAS_B2: tl.constexpr,
-    ACT: tl.constexpr,
-    GATE: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
+def _se_gate_backward_kernel(p_ptr, dg_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, dz_ptr, a_ptr, dh_ptr,
+                             dp_ptr, C, S, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACT: tl.constexpr,
+                             GATE: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
     """Per n: gate, dz = dg gate'(z), a = act(h), dh = (dz W2) act'(h), dp = dh W1."""
     n = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
@@ -240,9 +168,8 @@ def _se_gate_backward_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        w = tl.load(
-            w1_ptr + offs_s[:, None] * C + offs_c[None, :], mask=mask_s[:, None] & mask_c[None, :], other=0.0
-        ).to(ACC)
+        w = tl.load(w1_ptr + offs_s[:, None] * C + offs_c[None, :], mask=mask_s[:, None] & mask_c[None, :],
+                    other=0.0).to(ACC)
         tl.store(dp_ptr + n * C + offs_c, tl.sum(w * dh[:, None], 0), mask=mask_c)
 
 
@@ -262,43 +189,17 @@ def _outer_sum_kernel(u_ptr, v_ptr, out_ptr, N, ROWS, COLS, BLOCK_I: tl.constexp
 
 
 @triton.jit
-def _se_scale_kernel(
-    a_ptr,
-    gate_ptr,
-    add_ptr,
-    out_ptr,
-    C,
-    W,
-    P,
-    san,
-    sac,
-    sah,
-    saw,
-    son,
-    soc,
-    soh,
-    sow,
-    ADD: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
+def _se_scale_kernel(a_ptr, gate_ptr, add_ptr, out_ptr, C, W, P, san, sac, sah, saw, son, soc, soh, sow,
+                     ADD: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """out = a * gate[n, c] (+ add[n, c] / P): forward scale and backward dx."""
-    n = tl.program_id(2).to(tl.int64)
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    m = (offs_p < P)[:, None] & mask_c[None, :]
-    hh = (offs_p // W).to(tl.int64)
-    ww = offs_p % W
-    c64 = offs_c[None, :].to(tl.int64)
-    v = tl.load(a_ptr + n * san + c64 * sac + (hh * sah + ww * saw)[:, None], mask=m, other=0.0).to(ACC)
+    n, offs_p, offs_c, mask_p, mask_c = program_tile(P, C, BLOCK_P, BLOCK_C)
+    m = mask_p[:, None] & mask_c[None, :]
+    v = tl.load(tile_ptrs(a_ptr, n, offs_c, offs_p, W, san, sac, sah, saw), mask=m, other=0.0).to(ACC)
     v = v * tl.load(gate_ptr + n * C + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :]
     if ADD:
         v += (tl.load(add_ptr + n * C + offs_c, mask=mask_c, other=0.0).to(ACC) / P)[None, :]
-    tl.store(
-        out_ptr + n * son + c64 * soc + (hh * soh + ww * sow)[:, None], v.to(out_ptr.dtype.element_ty), mask=m
-    )
+    o = tile_ptrs(out_ptr, n, offs_c, offs_p, W, son, soc, soh, sow)
+    tl.store(o, v.to(out_ptr.dtype.element_ty), mask=m)
 
 
 # ---- host side ----------------------------------------------------------------------------------------
@@ -314,23 +215,9 @@ def _launch_scale(a, gate, out, add=None):
     n, c, _, w = o4.shape
     p = o4.shape[2] * w
     bp, bc = tile(_layout.is_channels_last(out), c, p)
-    launch(
-        _se_scale_kernel,
-        (triton.cdiv(p, bp), triton.cdiv(c, bc), n),
-        a4,
-        gate,
-        gate if add is None else add,
-        o4,
-        c,
-        w,
-        p,
-        *strides(a4),
-        *strides(o4),
-        ADD=add is not None,
-        ACC=tl_acc(out.dtype),
-        BLOCK_P=bp,
-        BLOCK_C=bc,
-    )
+    launch(_se_scale_kernel, (triton.cdiv(p, bp), triton.cdiv(c, bc), n), a4, gate,
+           gate if add is None else add, o4, c, w, p, *strides(a4), *strides(o4), ADD=add is not None,
+           ACC=tl_acc(out.dtype), BLOCK_P=bp, BLOCK_C=bc)
 
 
 def _reduce(x, go, out):
@@ -339,33 +226,14 @@ def _reduce(x, go, out):
     p = x4.shape[2] * w
     bp, bc = tile(_layout.is_channels_last(x), c, p)
     g4 = as_4d(go) if go is not None else x4
-    launch(
-        _se_reduce_kernel,
-        (triton.cdiv(c, bc), n),
-        x4,
-        g4,
-        out,
-        c,
-        w,
-        p,
-        *strides(x4),
-        *strides(g4),
-        PRODUCT=go is not None,
-        ACC=tl_acc(x.dtype),
-        BLOCK_P=bp,
-        BLOCK_C=bc,
-    )
+    launch(_se_reduce_kernel, (triton.cdiv(c, bc), n), x4, g4, out, c, w, p, *strides(x4), *strides(g4),
+           PRODUCT=go is not None, ACC=tl_acc(x.dtype), BLOCK_P=bp, BLOCK_C=bc)
 
 
 @define_op("triton_se_scale")
 def triton_se_scale(
-    x: torch.Tensor,
-    fc1_weight: torch.Tensor,
-    fc1_bias: torch.Tensor | None,
-    fc2_weight: torch.Tensor,
-    fc2_bias: torch.Tensor | None,
-    activation: str,
-    gate: str,
+    x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None, activation: str, gate: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n, c = x.shape[0], x.shape[1]
     s = fc1_weight.shape[0]
@@ -374,40 +242,19 @@ def triton_se_scale(
     _reduce(x, None, pooled)
     g = torch.empty((n, c), dtype=acc_dtype(x.dtype), device=x.device)
     w1, w2 = fc1_weight.reshape(s, c).contiguous(), fc2_weight.reshape(c, s).contiguous()
-    launch(
-        _se_gate_kernel,
-        (n,),
-        pooled,
-        w1,
-        fc1_bias if fc1_bias is not None else w1,
-        w2,
-        fc2_bias if fc2_bias is not None else w2,
-        g,
-        c,
-        s,
-        HAS_B1=fc1_bias is not None,
-        HAS_B2=fc2_bias is not None,
-        ACT=ACT_CODES[activation],
-        GATE=GATE_CODES[gate],
-        ACC=tl_acc(x.dtype),
-        **_fc_blocks(s, c),
-    )
+    launch(_se_gate_kernel, (n,), pooled, w1, fc1_bias if fc1_bias is not None else w1, w2,
+           fc2_bias if fc2_bias is not None else w2, g, c, s, HAS_B1=fc1_bias is not None,
+           HAS_B2=fc2_bias is not None, ACT=ACT_CODES[activation], GATE=GATE_CODES[gate], ACC=tl_acc(x.dtype),
+           **_fc_blocks(s, c))
     _launch_scale(x, g, out)
     return out, pooled
 
 
 @define_op("triton_se_scale_backward")
 def triton_se_scale_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    pooled: torch.Tensor,
-    fc1_weight: torch.Tensor,
-    fc1_bias: torch.Tensor | None,
-    fc2_weight: torch.Tensor,
-    fc2_bias: torch.Tensor | None,
-    activation: str,
-    gate: str,
-    output_mask: list[bool],
+    grad_out: torch.Tensor, x: torch.Tensor, pooled: torch.Tensor, fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor | None, activation: str,
+    gate: str, output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n, c = x.shape[0], x.shape[1]
     s = fc1_weight.shape[0]
@@ -418,29 +265,10 @@ def triton_se_scale_backward(
     g, dz, dp = torch.empty_like(dg), torch.empty_like(dg), torch.empty_like(dg)
     a, dh = torch.empty((n, s), dtype=acc, device=x.device), torch.empty((n, s), dtype=acc, device=x.device)
     w1, w2 = fc1_weight.reshape(s, c).contiguous(), fc2_weight.reshape(c, s).contiguous()
-    launch(
-        _se_gate_backward_kernel,
-        (n,),
-        pooled,
-        dg,
-        w1,
-        fc1_bias if fc1_bias is not None else w1,
-        w2,
-        fc2_bias if fc2_bias is not None else w2,
-        g,
-        dz,
-        a,
-        dh,
-        dp,
-        c,
-        s,
-        HAS_B1=fc1_bias is not None,
-        HAS_B2=fc2_bias is not None,
-        ACT=ACT_CODES[activation],
-        GATE=GATE_CODES[gate],
-        ACC=tl_acc(x.dtype),
-        **_fc_blocks(s, c),
-    )
+    launch(_se_gate_backward_kernel, (n,), pooled, dg, w1, fc1_bias if fc1_bias is not None else w1, w2,
+           fc2_bias if fc2_bias is not None else w2, g, dz, a, dh, dp, c, s, HAS_B1=fc1_bias is not None,
+           HAS_B2=fc2_bias is not None, ACT=ACT_CODES[activation], GATE=GATE_CODES[gate], ACC=tl_acc(x.dtype),
+           **_fc_blocks(s, c))
     gx = x.new_empty((0,))
     if output_mask[0]:
         gx = _layout.empty(x, x.shape, _layout.is_channels_last(x))
@@ -449,27 +277,14 @@ def triton_se_scale_backward(
     def outer(u, v, like):  # sum_n u[n]^T v[n], shaped and typed like the weight
         out = torch.empty((u.shape[1], v.shape[1]), dtype=acc, device=x.device)
         bi, bj = min(next_pow2(u.shape[1]), 32), min(next_pow2(v.shape[1]), 64)
-        launch(
-            _outer_sum_kernel,
-            (triton.cdiv(u.shape[1], bi), triton.cdiv(v.shape[1], bj)),
-            u,
-            v,
-            out,
-            n,
-            u.shape[1],
-            v.shape[1],
-            BLOCK_I=bi,
-            BLOCK_J=bj,
-        )
+        launch(_outer_sum_kernel, (triton.cdiv(u.shape[1], bi), triton.cdiv(v.shape[1], bj)), u, v, out, n,
+               u.shape[1], v.shape[1], BLOCK_I=bi, BLOCK_J=bj)
         return out.reshape(like.shape).to(like.dtype)
 
     def bias(flag, t, rows):
         return column_sums(rows).to(t.dtype) if (flag and t is not None) else x.new_empty((0,))
 
-    return (
-        gx,
-        outer(dh, pooled.to(acc), fc1_weight) if output_mask[1] else x.new_empty((0,)),
-        bias(output_mask[2], fc1_bias, dh),
-        outer(dz, a, fc2_weight) if output_mask[3] else x.new_empty((0,)),
-        bias(output_mask[4], fc2_bias, dz),
-    )
+    return (gx, outer(dh, pooled.to(acc), fc1_weight) if output_mask[1] else x.new_empty((0,)),
+            bias(output_mask[2], fc1_bias, dh),
+            outer(dz, a, fc2_weight) if output_mask[3] else x.new_empty((0,)),
+            bias(output_mask[4], fc2_bias, dz))
