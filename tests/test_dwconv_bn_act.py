@@ -434,8 +434,11 @@ def test_no_grad_and_inference_mode(channels_last, training):
             assert_close(v, r.stats()[k], what=k)
 
 
-def test_non_contiguous_input():
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_non_contiguous_input(backend):
     """Strided views (neither NCHW- nor NHWC-dense) are read correctly."""
+    if not fastdw.backends()[backend]:
+        pytest.skip(f"{backend} backend not usable here")
     case = Case((2, 6, 9, 8), 3, training=True, bias=True, activation="hardswish")
     base = torch.randn(2, 12, 18, 8, dtype=torch.float64)
     for x in (
@@ -449,7 +452,7 @@ def test_non_contiguous_input():
         go = torch.randn(*x.shape[:2], *sub.out_hw(), dtype=torch.float64)
         f, r = inp.clone(), inp.clone()
         f.x = r.x = x.detach().requires_grad_(True)
-        out, grads = run_op(sub, f, "cpu", go)
+        out, grads = run_op(sub, f, backend, go)
         ref_out, ref_grads = run_op(sub, r, "reference", go)
         assert_close(out, ref_out)
         for k in grads:
@@ -459,13 +462,15 @@ def test_non_contiguous_input():
 # ---- running statistics over several steps --------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("momentum", [0.1, None, 0.7])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_running_stats_several_steps(backend, channels_last, momentum, dtype):
     """running_mean/var and num_batches_tracked follow nn.BatchNorm2d step by step (momentum=None:
     cumulative average), then eval uses the accumulated statistics."""
+    if backend != "reference" and not fastdw.backends()[backend]:
+        pytest.skip(f"{backend} backend not usable here")
     c = 6
     case = Case((3, c, 6, 5), 3, training=True, bias=True, channels_last=channels_last, momentum=momentum)
     inp = inputs_for(case, dtype)
