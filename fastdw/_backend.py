@@ -50,23 +50,59 @@ def extension_error() -> str | None:
     return _ext_error
 
 
+def _cuda_kernels() -> bool:
+    """The CUDA C++ kernels are compiled into fastdw._C (FASTDW_CUDA=1 builds)."""
+    return _ext_loaded and torch._C._dispatch_has_kernel_for_dispatch_key("fastdw::dwconv_bn_act", "CUDA")
+
+
+# ---- the Triton backend: imported on first use or report, never by `import fastdw` -----------------
+
+_triton_error: str | None = None
+_triton_module = None
+_triton_hooks: list = []
+
+
+def on_triton_load(fn):
+    """Decorator: run fn once, right after fastdw.triton is imported (fastdw.ops registers the fake
+    kernels and autograd of the fastdw::triton_* ops this way, so the kernels never import upward)."""
+    _triton_hooks.append(fn)
+    if _triton_module is not None:
+        fn()
+    return fn
+
+
+def _load_triton():
+    """fastdw.triton, imported once (None, with the reason in _triton_error, if that fails)."""
+    global _triton_module, _triton_error
+    if _triton_module is None and _triton_error is None:
+        try:
+            import fastdw.triton as module
+        except Exception as e:  # triton missing, or too old / too new for these kernels
+            _triton_error = f"{type(e).__name__}: {e}"
+            return None
+        _triton_module = module
+        for hook in _triton_hooks:
+            hook()
+    return _triton_module
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _triton_usable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    """Triton imports and can run somewhere: on a CUDA GPU, or on CPU under TRITON_INTERPRET=1."""
+    if not (torch.cuda.is_available() or _interpret_requested()):
+        return False  # checked first: no `import triton` where it could not run anyway
+    return _load_triton() is not None
 
 
 def backends() -> dict[str, bool]:
     """What is built and usable here."""
-    cuda_built = _ext_loaded and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fastdw::dwconv_bn_act", "CUDA"
-    )
     return {
         "cpu": _ext_loaded,
-        "cuda": bool(cuda_built and torch.cuda.is_available()),
-        "triton": False,  # no Triton kernels yet
+        "cuda": bool(_cuda_kernels() and torch.cuda.is_available()),
+        "triton": _triton_usable(),
         "reference": True,
     }
 
@@ -106,27 +142,69 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 CPU_DTYPES = (torch.float32, torch.float64)
+GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_GPU_DTYPE_NAMES = "float16, bfloat16, float32 and float64"
+
+
+def _check_triton(device: torch.device, dtype: torch.dtype) -> None:
+    """Raises unless the forced 'triton' backend can run on tensors of this device and dtype."""
+    if device.type == "cpu":
+        if not _interpret_requested():
+            raise RuntimeError(
+                "fastdw: backend 'triton' runs on CPU tensors only under the Triton interpreter: set "
+                "TRITON_INTERPRET=1 before triton is imported (or use CUDA tensors)"
+            )
+    elif device.type != "cuda":
+        raise RuntimeError(f"fastdw: backend 'triton' needs CUDA tensors, got a tensor on {device}")
+    if _load_triton() is None:
+        raise RuntimeError(f"fastdw: backend 'triton' is not available: {_triton_error}")
+    if device.type == "cpu" and not _triton_module.INTERPRETED:
+        raise RuntimeError(
+            "fastdw: backend 'triton' on CPU tensors: fastdw.triton was imported before TRITON_INTERPRET=1 "
+            "was set, so its kernels are compiled for a GPU; set it before the first import"
+        )
+    if dtype not in GPU_DTYPES:
+        raise TypeError(f"fastdw: backend 'triton' supports {_GPU_DTYPE_NAMES}, got {dtype}")
 
 
 def resolve(device: torch.device, dtype: torch.dtype) -> str:
     """The backend that runs an op on tensors of this device and dtype.
 
     A forced backend that cannot run here raises, so a test or benchmark never silently measures
-    the wrong code. ``auto`` falls back to ``reference`` where no kernel exists.
+    the wrong code. ``auto`` falls back to ``reference`` where no kernel exists; it never picks
+    ``triton`` for CPU tensors (the interpreter is a test vehicle, not a backend to run models on).
     """
     name = _state.backend
     if name == "auto":
         if device.type == "cpu" and _ext_loaded and dtype in CPU_DTYPES:
             return "cpu"
+        if device.type == "cuda" and dtype in GPU_DTYPES:
+            if _cuda_kernels():
+                return "cuda"
+            if _triton_usable():
+                return "triton"
         return "reference"
     if name == "reference":
         return name
     if name == "cpu":
-        if not _ext_loaded:
-            raise RuntimeError(f"fastdw: backend 'cpu' is not available: {_ext_error}")
-        if device.type != "cpu":
-            raise RuntimeError(f"fastdw: backend 'cpu' needs CPU tensors, got a tensor on {device}")
-        if dtype not in CPU_DTYPES:
-            raise TypeError(f"fastdw: backend 'cpu' supports float32 and float64, got {dtype}")
-        return name
-    raise RuntimeError(f"fastdw: backend {name!r} is not built in this version of fastdw")
+        missing = None if _ext_loaded else _ext_error
+        _check_compiled(name, missing, device, dtype, CPU_DTYPES, "float32 and float64")
+    elif name == "cuda":
+        missing = None if _cuda_kernels() else _ext_error if not _ext_loaded else (
+            "fastdw._C was built without CUDA kernels (build with FASTDW_CUDA=1)")
+        _check_compiled(name, missing, device, dtype, GPU_DTYPES, _GPU_DTYPE_NAMES)
+    else:
+        _check_triton(device, dtype)
+    return name
+
+
+def _check_compiled(name: str, missing: str | None, device: torch.device, dtype: torch.dtype, dtypes,
+                    dtype_names: str) -> None:
+    """Raises unless the C++ backend ``name`` ('cpu' or 'cuda') is built (``missing`` says why not)
+    and runs on tensors of this device and dtype."""
+    if missing is not None:
+        raise RuntimeError(f"fastdw: backend '{name}' is not available: {missing}")
+    if device.type != name:
+        raise RuntimeError(f"fastdw: backend '{name}' needs {name.upper()} tensors, got a tensor on {device}")
+    if dtype not in dtypes:
+        raise TypeError(f"fastdw: backend '{name}' supports {dtype_names}, got {dtype}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass
 
@@ -9,7 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-import fastdw
+# Without a GPU the `triton` backend runs its kernels through Triton's interpreter on CPU tensors.
+# This must be set before triton is imported (fastdw imports it only when the backend is used).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastdw  # noqa: E402
 
 ALL_CAPABILITIES = ("default", "avx2", "avx512")
 ACT_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "silu": nn.SiLU}
@@ -38,6 +44,11 @@ SUPPORTED_CAPABILITIES = _supported_capabilities()
 
 requires_ext = pytest.mark.skipif(
     not fastdw._backend.extension_loaded(), reason="fastdw._C (the compiled extension) is not built"
+)
+
+requires_triton = pytest.mark.skipif(
+    not fastdw.backends()["triton"],
+    reason="the triton backend is not usable here (triton missing, no GPU and TRITON_INTERPRET unset)",
 )
 
 

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from conftest import assert_close, make_inputs
+from conftest import assert_close, make_inputs, requires_triton
 
 import fastdw
 from fastdw.ops import dwconv_bn_act
@@ -115,11 +115,70 @@ def test_forced_backends_that_cannot_run_raise():
     if not fastdw.backends()["cuda"]:
         with fastdw.use_backend("cuda"), pytest.raises(RuntimeError, match="cuda"):
             dwconv_bn_act(inp.x, inp.weight)
-    with fastdw.use_backend("triton"), pytest.raises(RuntimeError, match="triton"):
-        dwconv_bn_act(inp.x, inp.weight)
+    if not fastdw.backends()["triton"]:
+        with fastdw.use_backend("triton"), pytest.raises(RuntimeError, match="triton"):
+            dwconv_bn_act(inp.x, inp.weight)
     if fastdw.backends()["cpu"]:
         with fastdw.use_backend("cpu"), pytest.raises(TypeError, match="float32 and float64"):
             dwconv_bn_act(inp.x.half(), inp.weight.half())
+
+
+@requires_triton
+def test_triton_backend_runs_the_triton_kernels(monkeypatch):
+    """Forced 'triton' really launches Triton kernels for every op (so the triton tests test
+    Triton), and 'auto' never picks Triton for CPU tensors."""
+    common = sys.modules["fastdw.triton._common"]
+    launched = []
+    real = common.wrap_triton
+
+    def spy(kernel):
+        launched.append(kernel.fn.__name__)
+        return real(kernel)
+
+    monkeypatch.setattr(common, "wrap_triton", spy)
+    inp = make_inputs(2, 4, 5, 5, requires_grad=True)
+    x = inp.x.detach()
+
+    def kernels_run(backend):
+        launched.clear()
+        with fastdw.use_backend(backend):
+            y = dwconv_bn_act(inp.x, inp.weight, None, inp.bn_weight, inp.bn_bias, training=True)
+            y.sum().backward()
+            se = fastdw.ops.se_scale(x, torch.randn(2, 4, 1, 1, dtype=x.dtype), None,
+                                     torch.randn(4, 2, 1, 1, dtype=x.dtype), None)
+            fastdw.ops.concat_shuffle(fastdw.ops.channel_shuffle(se, 2), x)
+        return set(launched)
+
+    assert {"_dw_forward_kernel", "_bn_finalize_kernel", "_dw_backward_kernel", "_dw_input_grad_kernel",
+            "_se_reduce_kernel", "_se_gate_kernel", "_se_scale_kernel", "_shuffle_kernel",
+            "_interleave_kernel"} <= kernels_run("triton")
+    assert kernels_run("auto") == set()
+    with fastdw.use_backend("triton"), pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        dwconv_bn_act(torch.empty(1, 2, 3, 3, device="meta"), torch.empty(2, 1, 3, 3, device="meta"))
+
+
+_TRITON_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import fastdw
+    assert "triton" not in sys.modules, "import fastdw must not import triton"
+    print("backends", fastdw.backends())
+    x, w = fastdw.nn.DWConvBNAct(4).eval()[0].weight.new_ones(1, 4, 5, 5), fastdw.nn.DWConvBNAct(4)[0].weight
+    try:
+        with fastdw.use_backend("triton"):
+            fastdw.ops.dwconv_bn_act(x, w.detach())
+    except RuntimeError as e:
+        print("ERROR", e)
+    """
+)
+
+
+def test_triton_is_imported_lazily_and_needs_the_interpreter_on_cpu():
+    r = _run(_TRITON_SCRIPT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    if not torch.cuda.is_available():
+        assert "'triton': False" in r.stdout
+        assert "ERROR" in r.stdout and "TRITON_INTERPRET=1" in r.stdout
 
 
 def test_meta_tensors_use_reference_shapes():
@@ -182,7 +241,7 @@ def _run(script: str, **env) -> subprocess.CompletedProcess:
     full_env = {
         k: v
         for k, v in full_env.items()
-        if k not in ("FASTDW_BACKEND", "FASTDW_DISABLE_EXTENSION") or k in env
+        if k not in ("FASTDW_BACKEND", "FASTDW_DISABLE_EXTENSION", "TRITON_INTERPRET") or k in env
     }
     return subprocess.run(
         [sys.executable, "-c", script], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=120

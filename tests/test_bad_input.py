@@ -238,11 +238,11 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference", "triton"])
 @pytest.mark.parametrize("make,exc,match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_input(backend, make, exc, match):
-    if backend == "cpu" and not fastdw.backends()["cpu"]:
-        pytest.skip("cpu backend not built")
+    if backend in ("cpu", "triton") and not fastdw.backends()[backend]:
+        pytest.skip(f"{backend} backend not usable here")
     args = good_args()
     args.update(make(args))
     before = snapshot(args)
@@ -251,11 +251,14 @@ def test_bad_input(backend, make, exc, match):
     assert_unchanged(args, before)
 
 
-@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference", "triton"])
 def test_good_args_are_good(backend):
     """The base of every bad case works, so each failure above is caused by the one change."""
+    if backend in ("cpu", "triton") and not fastdw.backends()[backend]:
+        pytest.skip(f"{backend} backend not usable here")
     args = good_args()
-    call(args)
+    with fastdw.use_backend(backend):
+        call(args)
     assert int(args["num_batches_tracked"]) == 1
 
 

@@ -198,15 +198,22 @@ def test_shuffle_conv_weight(k):
 @requires_ext
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_opcheck(fmt):
+    check_opcheck(fmt)
+
+
+def check_opcheck(fmt: str, prefix: str = "") -> None:
+    """opcheck of the C++ ops (prefix '') or their Triton twins (prefix 'triton_')."""
+    names = ("channel_shuffle", "concat_shuffle", "concat_shuffle_backward")
+    shuffle, concat, concat_backward = (getattr(torch.ops.fastdw, prefix + name).default for name in names)
     x = _x((2, 12, 3, 5), fmt).requires_grad_()
     for g in (1, 2, 3, 12):
-        torch.library.opcheck(torch.ops.fastdw.channel_shuffle.default, (x, g))
-    torch.library.opcheck(torch.ops.fastdw.channel_shuffle.default, (_x((2, 12, 5)).requires_grad_(), 4))
+        torch.library.opcheck(shuffle, (x, g))
+    torch.library.opcheck(shuffle, (_x((2, 12, 5)).requires_grad_(), 4))
     b = _x((2, 12, 3, 5), "nchw", seed=1).requires_grad_()
-    torch.library.opcheck(torch.ops.fastdw.concat_shuffle.default, (x, b))
+    torch.library.opcheck(concat, (x, b))
     x1 = _x((2, 24, 3, 5), fmt)[:, :12].requires_grad_()
-    torch.library.opcheck(torch.ops.fastdw.concat_shuffle.default, (x1, b))
-    torch.library.opcheck(torch.ops.fastdw.concat_shuffle_backward.default, (_x((2, 24, 3, 5), fmt),))
+    torch.library.opcheck(concat, (x1, b))
+    torch.library.opcheck(concat_backward, (_x((2, 24, 3, 5), fmt),))
 
 
 @requires_ext

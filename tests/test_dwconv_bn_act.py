@@ -214,7 +214,7 @@ def run_torch(case: Case, inp: Inputs, grad_out: torch.Tensor):
     return out, dict(zip(tensors, grads, strict=True)), stats
 
 
-def check_case(case: Case, dtype=torch.float64, tol: float | None = None) -> None:
+def check_case(case: Case, dtype=torch.float64, tol: float | None = None, backend: str = "cpu") -> None:
     inp = inputs_for(case, dtype)
     n, c, _, _ = case.shape
     ho, wo = case.out_hw()
@@ -223,7 +223,7 @@ def check_case(case: Case, dtype=torch.float64, tol: float | None = None) -> Non
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
 
     fused_inp, ref_inp = inp.clone(), inp.clone()
-    out, grads = run_op(case, fused_inp, "cpu", grad_out)
+    out, grads = run_op(case, fused_inp, backend, grad_out)
     ref_out, ref_grads = run_op(case, ref_inp, "reference", grad_out)
     mod_out, mod_grads, mod_stats = run_torch(case, inp.clone(), grad_out)
 
@@ -359,17 +359,20 @@ def _present(case: Case) -> set[str]:
     return names | ({"bn_weight", "bn_bias"} if case.bn in ("affine", "nostats") else set())
 
 
-@pytest.mark.parametrize(
-    "case,which",
-    [
-        (case, which)
-        for case in SUBSET_CASES
-        for which in ("x", "weight", "bias", "bn_weight", "bn_bias", "params")
-        if which == "params" or which in _present(case)
-    ],
-    ids=str,
-)
+SUBSETS = [
+    (case, which)
+    for case in SUBSET_CASES
+    for which in ("x", "weight", "bias", "bn_weight", "bn_bias", "params")
+    if which == "params" or which in _present(case)
+]
+
+
+@pytest.mark.parametrize("case,which", SUBSETS, ids=str)
 def test_gradient_subsets(case, which):
+    check_gradient_subset(case, which, "cpu")
+
+
+def check_gradient_subset(case: Case, which: str, backend: str) -> None:
     """Only some inputs require grad: the op computes exactly those gradients, still correctly."""
     inp = inputs_for(case)
     want = set(inp.params()) - {"x"} if which == "params" else {which}
@@ -382,7 +385,7 @@ def test_gradient_subsets(case, which):
     for i in (fused, ref):
         for name, t in i.params().items():
             t.requires_grad_(name in want)
-    out, grads = run_op(case, fused, "cpu", go)
+    out, grads = run_op(case, fused, backend, go)
     ref_out, ref_grads = run_op(case, ref, "reference", go)
     assert set(grads) == want
     assert_close(out, ref_out)
@@ -431,8 +434,11 @@ def test_no_grad_and_inference_mode(channels_last, training):
             assert_close(v, r.stats()[k], what=k)
 
 
-def test_non_contiguous_input():
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_non_contiguous_input(backend):
     """Strided views (neither NCHW- nor NHWC-dense) are read correctly."""
+    if not fastdw.backends()[backend]:
+        pytest.skip(f"{backend} backend not usable here")
     case = Case((2, 6, 9, 8), 3, training=True, bias=True, activation="hardswish")
     base = torch.randn(2, 12, 18, 8, dtype=torch.float64)
     for x in (
@@ -446,7 +452,7 @@ def test_non_contiguous_input():
         go = torch.randn(*x.shape[:2], *sub.out_hw(), dtype=torch.float64)
         f, r = inp.clone(), inp.clone()
         f.x = r.x = x.detach().requires_grad_(True)
-        out, grads = run_op(sub, f, "cpu", go)
+        out, grads = run_op(sub, f, backend, go)
         ref_out, ref_grads = run_op(sub, r, "reference", go)
         assert_close(out, ref_out)
         for k in grads:
@@ -456,13 +462,15 @@ def test_non_contiguous_input():
 # ---- running statistics over several steps --------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("momentum", [0.1, None, 0.7])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_running_stats_several_steps(backend, channels_last, momentum, dtype):
     """running_mean/var and num_batches_tracked follow nn.BatchNorm2d step by step (momentum=None:
     cumulative average), then eval uses the accumulated statistics."""
+    if backend != "reference" and not fastdw.backends()[backend]:
+        pytest.skip(f"{backend} backend not usable here")
     c = 6
     case = Case((3, c, 6, 5), 3, training=True, bias=True, channels_last=channels_last, momentum=momentum)
     inp = inputs_for(case, dtype)
@@ -682,14 +690,23 @@ OPCHECK_SAMPLES = {
 
 @pytest.mark.parametrize("sample", list(OPCHECK_SAMPLES), ids=str)
 def test_opcheck_forward(sample):
+    check_opcheck_forward(sample)
+
+
+def check_opcheck_forward(sample: str, prefix: str = "") -> None:
+    """opcheck of fastdw::<prefix>dwconv_bn_act ('' the C++ op, 'triton_' its Triton twin)."""
     args = _op_args(**OPCHECK_SAMPLES[sample])
-    torch.library.opcheck(torch.ops.fastdw.dwconv_bn_act.default, args)
+    torch.library.opcheck(getattr(torch.ops.fastdw, f"{prefix}dwconv_bn_act").default, args)
 
 
 @pytest.mark.parametrize("sample", list(OPCHECK_SAMPLES), ids=str)
 def test_opcheck_backward(sample):
+    check_opcheck_backward(sample)
+
+
+def check_opcheck_backward(sample: str, prefix: str = "") -> None:
     args = _op_args(**OPCHECK_SAMPLES[sample], requires_grad=False)
-    out, save_mean, save_var = torch.ops.fastdw.dwconv_bn_act(*args)
+    out, save_mean, save_var = getattr(torch.ops.fastdw, f"{prefix}dwconv_bn_act")(*args)
     x, w, b, g, beta, mean, var, training, eps, stride, padding, dilation, act = args
     if training:
         mean, var = save_mean, save_var
@@ -700,7 +717,7 @@ def test_opcheck_backward(sample):
         [False, True, True, True, True],
     ):
         torch.library.opcheck(
-            torch.ops.fastdw.dwconv_bn_act_backward.default,
+            getattr(torch.ops.fastdw, f"{prefix}dwconv_bn_act_backward").default,
             (grad_out, x, w, b, g, beta, mean, var, training, eps, stride, padding, dilation, act, mask),
         )
 
@@ -751,6 +768,11 @@ def test_op_returns_batch_statistics():
     "mode,channels_last,momentum", [("eval", True, 0.1), ("train", False, 0.1), ("train", True, None)]
 )
 def test_compile_fullgraph(mode, channels_last, momentum):
+    check_compile_fullgraph(mode, channels_last, momentum)
+
+
+def check_compile_fullgraph(mode: str, channels_last: bool, momentum, backend: str = "auto") -> None:
+    """torch.compile(fullgraph=True) of DWConvBNAct, the backend forced while it runs, vs eager."""
     torch._dynamo.reset()
     model = DWConvBNAct(8, 3, stride=1, activation="hardswish", bias=True, momentum=momentum).double()
     with torch.no_grad():
@@ -766,12 +788,14 @@ def test_compile_fullgraph(mode, channels_last, momentum):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         xc, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        out = compiled(xc)
+        with fastdw.use_backend(backend):
+            out = compiled(xc)
         expected = eager(xe)
         assert_close(out, expected, what=f"output step {step}")
         assert_same_memory_format(out, x)
         go = torch.randn_like(expected)
-        out.backward(go)
+        with fastdw.use_backend(backend):
+            out.backward(go)
         expected.backward(go)
         assert_close(xc.grad, xe.grad, what="grad x")
         for (name, p), (_, pe) in zip(model.named_parameters(), eager.named_parameters(), strict=True):

@@ -229,18 +229,25 @@ def test_derivative_conventions_at_kinks():
 @requires_ext
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_opcheck(fmt):
+    check_opcheck(fmt)
+
+
+def check_opcheck(fmt: str, prefix: str = "") -> None:
+    """opcheck of the C++ ops (prefix '') or their Triton twins (prefix 'triton_')."""
+    op = getattr(torch.ops.fastdw, f"{prefix}se_scale").default
+    backward = getattr(torch.ops.fastdw, f"{prefix}se_scale_backward").default
     torch.manual_seed(0)
     x = _input(2, 16, 3, 5, fmt, torch.float32)
     w1, b1 = torch.randn(4, 16, 1, 1, requires_grad=True), torch.randn(4, requires_grad=True)
     w2, b2 = torch.randn(16, 4, 1, 1, requires_grad=True), torch.randn(16, requires_grad=True)
-    torch.library.opcheck(torch.ops.fastdw.se_scale.default, (x, w1, b1, w2, b2, "relu", "hardsigmoid"))
-    torch.library.opcheck(torch.ops.fastdw.se_scale.default, (x, w1, None, w2, None, "silu", "sigmoid"))
+    torch.library.opcheck(op, (x, w1, b1, w2, b2, "relu", "hardsigmoid"))
+    torch.library.opcheck(op, (x, w1, None, w2, None, "silu", "sigmoid"))
     xd = x.detach()
     params = [t.detach() for t in (w1, b1, w2, b2)]
-    _, pooled = torch.ops.fastdw.se_scale(xd, *params, "relu", "sigmoid")
+    _, pooled = op(xd, *params, "relu", "sigmoid")
     args = (torch.randn_like(xd), xd, pooled, *params, "relu", "sigmoid")
     for mask in ([True] * 5, [True, False, False, True, False], [False, True, True, False, False]):
-        torch.library.opcheck(torch.ops.fastdw.se_scale_backward.default, (*args, mask))
+        torch.library.opcheck(backward, (*args, mask))
 
 
 @requires_ext

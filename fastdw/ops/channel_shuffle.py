@@ -18,6 +18,9 @@ Inside networks the shuffle is absorbed instead of run:
   through the shuffle (``dwconv_bn_act(..., input_shuffle_groups=g)``); ``shuffle_permutation``
   gives that channel order (``channel_shuffle(x, g) == x[:, perm]``), and ``shuffle_conv_weight``
   folds a shuffle into the next dense conv instead: ``conv(shuffle(x), W) == conv(x, W')``.
+
+The Triton backend's twins, ``fastdw::triton_channel_shuffle``, ``fastdw::triton_concat_shuffle``
+and ``fastdw::triton_concat_shuffle_backward``, get the same fake kernels and autograd here.
 """
 
 from __future__ import annotations
@@ -40,8 +43,11 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     if not (type(x) is torch.Tensor and type(groups) is int and x.dim() >= 3 and x.dtype.is_floating_point
             and groups >= 1 and x.shape[1] % groups == 0):
         groups = _validate.groups_dividing(groups, _validate.batched_channels(x, "input"))
-    if _backend.resolve(x.device, x.dtype) == "reference":
+    backend = _backend.resolve(x.device, x.dtype)
+    if backend == "reference":
         return _ref.channel_shuffle(x, groups)
+    if backend == "triton":
+        return torch.ops.fastdw.triton_channel_shuffle.default(x, groups)
     return torch.ops.fastdw.channel_shuffle.default(x, groups)
 
 
@@ -56,8 +62,11 @@ def concat_shuffle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if not (type(a) is torch.Tensor and type(b) is torch.Tensor and a.dtype == b.dtype and a.shape == b.shape
             and a.dim() >= 3 and a.dtype.is_floating_point and a.device == b.device):
         _check_pair(a, b)
-    if _backend.resolve(a.device, a.dtype) == "reference":
+    backend = _backend.resolve(a.device, a.dtype)
+    if backend == "reference":
         return _ref.concat_shuffle(a, b)
+    if backend == "triton":
+        return torch.ops.fastdw.triton_concat_shuffle.default(a, b)
     return torch.ops.fastdw.concat_shuffle.default(a, b)
 
 
@@ -113,10 +122,6 @@ def _shuffle_setup_context(ctx, inputs, output):
     ctx.inverse_groups = x.shape[1] // groups
 
 
-def _shuffle_backward(ctx, grad):
-    return torch.ops.fastdw.channel_shuffle.default(grad, ctx.inverse_groups), None
-
-
 def _fake_concat(a, b):
     shape = (a.shape[0], 2 * a.shape[1], *a.shape[2:])
     cl = _layout.strides_like_channels_last(a) or _layout.strides_like_channels_last(b)
@@ -133,21 +138,26 @@ def _concat_setup_context(ctx, inputs, output):
     pass
 
 
-def _concat_backward(ctx, grad):
-    ga, gb = torch.ops.fastdw.concat_shuffle_backward.default(grad)
-    return ga, gb
+def _register(prefix: str = "") -> None:
+    shuffle = getattr(torch.ops.fastdw, f"{prefix}channel_shuffle").default
+    concat_backward = getattr(torch.ops.fastdw, f"{prefix}concat_shuffle_backward").default
 
+    def shuffle_backward(ctx, grad):  # the inverse permutation is the shuffle with C / groups groups
+        return shuffle(grad, ctx.inverse_groups), None
 
-def _register() -> None:
-    if not _backend.extension_loaded():
-        return
-    torch.library.register_fake("fastdw::channel_shuffle")(_fake_shuffle)
-    torch.library.register_autograd("fastdw::channel_shuffle", _shuffle_backward,
+    def concat_shuffle_backward(ctx, grad):
+        ga, gb = concat_backward(grad)
+        return ga, gb
+
+    torch.library.register_fake(f"fastdw::{prefix}channel_shuffle")(_fake_shuffle)
+    torch.library.register_autograd(f"fastdw::{prefix}channel_shuffle", shuffle_backward,
                                     setup_context=_shuffle_setup_context)
-    torch.library.register_fake("fastdw::concat_shuffle")(_fake_concat)
-    torch.library.register_fake("fastdw::concat_shuffle_backward")(_fake_concat_backward)
-    torch.library.register_autograd("fastdw::concat_shuffle", _concat_backward,
+    torch.library.register_fake(f"fastdw::{prefix}concat_shuffle")(_fake_concat)
+    torch.library.register_fake(f"fastdw::{prefix}concat_shuffle_backward")(_fake_concat_backward)
+    torch.library.register_autograd(f"fastdw::{prefix}concat_shuffle", concat_shuffle_backward,
                                     setup_context=_concat_setup_context)
 
 
-_register()
+if _backend.extension_loaded():
+    _register()
+_backend.on_triton_load(lambda: _register("triton_"))

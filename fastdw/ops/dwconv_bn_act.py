@@ -8,8 +8,11 @@ The schema lives in C++ (csrc/registration.cpp, ``TORCH_LIBRARY(fastdw)``):
 It is functional: in training it returns the batch mean and biased variance and this wrapper
 updates the running statistics, so that autograd (which needs functional ops) and
 torch.compile both see a pure op. Backward is ``fastdw::dwconv_bn_act_backward``, itself a C++
-op. Only the input, the (tiny) parameters and per-channel statistics are saved for backward:
-the pre-BN conv output is recomputed there, because a depthwise conv costs less than storing it.
+op. The Triton backend has twins with the same schema, ``fastdw::triton_dwconv_bn_act`` and
+``fastdw::triton_dwconv_bn_act_backward`` (fastdw/triton/dwconv_bn_act.py), given the same fake
+kernels and autograd here. Only the input, the (tiny) parameters and per-channel statistics are
+saved for backward: the pre-BN conv output is recomputed there, because a depthwise conv costs
+less than storing it.
 """
 
 from __future__ import annotations
@@ -104,7 +107,8 @@ def dwconv_bn_act(
                 num_batches_tracked.add_(1)
         return out
 
-    out, mean, var = torch.ops.fastdw.dwconv_bn_act(
+    op = torch.ops.fastdw.triton_dwconv_bn_act if backend == "triton" else torch.ops.fastdw.dwconv_bn_act
+    out, mean, var = op(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, float(eps),
         list(stride), list(padding), list(dilation), activation, groups,
     )
@@ -181,18 +185,23 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (training, eps, stride, padding, dilation, activation, rest[0] if rest else 1)
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_var):
-    x, weight, bias, bn_weight, bn_bias, mean, var = ctx.saved_tensors
-    training, eps, stride, padding, dilation, activation, shuffle_groups = ctx.args
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1], bias is not None and need[2], bn_weight is not None and need[3],
-            bn_bias is not None and need[4]]
-    grads = torch.ops.fastdw.dwconv_bn_act_backward(
-        grad_out, x, weight, bias, bn_weight, bn_bias, mean, var, training, eps, stride, padding,
-        dilation, activation, mask, shuffle_groups,
-    )
-    grads = [g if m else None for g, m in zip(grads, mask, strict=True)]
-    return (*grads, None, None, None, None, None, None, None, None, None)
+def _make_backward(backward_op: str):
+    """The autograd backward of an op whose own backward is ``torch.ops.fastdw.<backward_op>``."""
+
+    def _backward(ctx, grad_out, _grad_mean, _grad_var):
+        x, weight, bias, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+        training, eps, stride, padding, dilation, activation, shuffle_groups = ctx.args
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], bias is not None and need[2], bn_weight is not None and need[3],
+                bn_bias is not None and need[4]]
+        grads = getattr(torch.ops.fastdw, backward_op)(
+            grad_out, x, weight, bias, bn_weight, bn_bias, mean, var, training, eps, stride, padding,
+            dilation, activation, mask, shuffle_groups,
+        )
+        grads = [g if m else None for g, m in zip(grads, mask, strict=True)]
+        return (*grads, None, None, None, None, None, None, None, None, None)
+
+    return _backward
 
 
 def _no_double_backward(ctx, *grads):
@@ -202,15 +211,17 @@ def _no_double_backward(ctx, *grads):
     )
 
 
-def _register() -> None:
-    if not _backend.extension_loaded():
-        return
-    torch.library.register_fake("fastdw::dwconv_bn_act")(_fake_forward)
-    torch.library.register_fake("fastdw::dwconv_bn_act_backward")(_fake_backward)
-    torch.library.register_autograd("fastdw::dwconv_bn_act", _backward, setup_context=_setup_context)
+def _register(prefix: str = "") -> None:
+    forward, backward = f"fastdw::{prefix}dwconv_bn_act", f"fastdw::{prefix}dwconv_bn_act_backward"
+    torch.library.register_fake(forward)(_fake_forward)
+    torch.library.register_fake(backward)(_fake_backward)
+    torch.library.register_autograd(forward, _make_backward(f"{prefix}dwconv_bn_act_backward"),
+                                    setup_context=_setup_context)
     # Without this, a gradient of the gradient would silently be zero.
-    torch.library.register_autograd("fastdw::dwconv_bn_act_backward", _no_double_backward,
+    torch.library.register_autograd(backward, _no_double_backward,
                                     setup_context=lambda ctx, inputs, output: None)
 
 
-_register()
+if _backend.extension_loaded():
+    _register()
+_backend.on_triton_load(lambda: _register("triton_"))

@@ -13,7 +13,8 @@ Forward, with p = mean of x over all positions ([N, C]):
 
 That is two passes over x (one to pool, one to scale), the minimum. ``pooled`` is returned only
 to be saved for backward: autograd keeps x and that [N, C] vector, never the output, and
-recomputes h, z and gate(z) from it. Backward is ``fastdw::se_scale_backward``, a C++ op:
+recomputes h, z and gate(z) from it. Backward is ``fastdw::se_scale_backward``, a C++ op (the
+Triton twins ``fastdw::triton_se_scale[_backward]`` get the same fake kernels and autograd here):
 
     dg[n, c] = sum over positions of dout * x                 (one pass reading dout and x)
     dz = dg * gate'(z);  dW2 = dz^T act(h);  db2 = sum_n dz
@@ -59,10 +60,11 @@ def se_scale(
     activation = _validate.se_activation(activation)
     gate = _validate.se_gate(gate)
 
-    if _backend.resolve(x.device, x.dtype) == "reference":
+    backend = _backend.resolve(x.device, x.dtype)
+    if backend == "reference":
         return _ref.se_scale(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)
-    out, _ = torch.ops.fastdw.se_scale.default(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation,
-                                               gate)
+    op = torch.ops.fastdw.triton_se_scale if backend == "triton" else torch.ops.fastdw.se_scale
+    out, _ = op.default(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)
     return out
 
 
@@ -91,24 +93,30 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (activation, gate)
 
 
-def _backward(ctx, grad_out, _grad_pooled):
-    x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias = ctx.saved_tensors
-    activation, gate = ctx.args
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1], fc1_bias is not None and need[2], need[3], fc2_bias is not None and need[4]]
-    grads = torch.ops.fastdw.se_scale_backward.default(
-        grad_out, x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, mask
-    )
-    grads = [g if m else None for g, m in zip(grads, mask, strict=True)]
-    return (*grads, None, None)
+def _make_backward(backward_op: str):
+    """The autograd backward of an op whose own backward is ``torch.ops.fastdw.<backward_op>``."""
+
+    def _backward(ctx, grad_out, _grad_pooled):
+        x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias = ctx.saved_tensors
+        activation, gate = ctx.args
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], fc1_bias is not None and need[2], need[3], fc2_bias is not None and need[4]]
+        grads = getattr(torch.ops.fastdw, backward_op).default(
+            grad_out, x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, mask
+        )
+        grads = [g if m else None for g, m in zip(grads, mask, strict=True)]
+        return (*grads, None, None)
+
+    return _backward
 
 
-def _register() -> None:
-    if not _backend.extension_loaded():
-        return
-    torch.library.register_fake("fastdw::se_scale")(_fake_forward)
-    torch.library.register_fake("fastdw::se_scale_backward")(_fake_backward)
-    torch.library.register_autograd("fastdw::se_scale", _backward, setup_context=_setup_context)
+def _register(prefix: str = "") -> None:
+    torch.library.register_fake(f"fastdw::{prefix}se_scale")(_fake_forward)
+    torch.library.register_fake(f"fastdw::{prefix}se_scale_backward")(_fake_backward)
+    torch.library.register_autograd(f"fastdw::{prefix}se_scale", _make_backward(f"{prefix}se_scale_backward"),
+                                    setup_context=_setup_context)
 
 
-_register()
+if _backend.extension_loaded():
+    _register()
+_backend.on_triton_load(lambda: _register("triton_"))
