@@ -20,18 +20,20 @@ class _Passthrough(TorchDispatchMode):
 def test_plain_tensors_skip_autograd_only_without_grad():
     x = torch.randn(2, 6, 3, 3)
     w = torch.randn(6, 1, 3, 3, requires_grad=True)
-    assert can_skip_autograd((x, 2))
+    assert can_skip_autograd((x,))
+    assert can_skip_autograd((x, None))
     assert not can_skip_autograd((x, w))  # w needs a gradient
     with torch.no_grad():
         assert can_skip_autograd((x, w))
     with torch.inference_mode():
-        assert can_skip_autograd((torch.randn(2, 6, 3, 3), 2))
-    assert can_skip_autograd((x.contiguous(memory_format=torch.channels_last)[:, :4], None, 2.0, "relu"))
+        assert can_skip_autograd((torch.randn(2, 6, 3, 3),))
+    assert can_skip_autograd((x.contiguous(memory_format=torch.channels_last)[:, :4], None))
 
 
 def test_anything_unusual_takes_the_normal_path():
     x = torch.randn(2, 6, 3, 3)
     assert not can_skip_autograd((torch.empty(2, 6, 3, 3, device="meta"),))
+    assert not can_skip_autograd((x, x.to_sparse()))
     with _Passthrough():
         assert not can_skip_autograd((x,))
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -59,13 +61,14 @@ def test_call_equals_the_dispatched_op(channels_last):
     args = (x, w, None, *affine, *stats, False, 1e-5, [1, 1], [1, 1], [1, 1], "hardswish", 1)
     op = torch.ops.fastdw.dwconv_bn_act.default
     with torch.no_grad():
-        assert can_skip_autograd(args)
-        fast, slow = call(op, *args), op(*args)
+        assert can_skip_autograd(args[:7])
+        fast, slow = call(op, args, 7), op(*args)
     for a, b in zip(fast, slow, strict=True):
         assert a.stride() == b.stride()
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     shuffle = torch.ops.fastdw.channel_shuffle.default
-    torch.testing.assert_close(call(shuffle, x, 3), torch.nn.functional.channel_shuffle(x, 3), rtol=0, atol=0)
+    expected = torch.nn.functional.channel_shuffle(x, 3)
+    torch.testing.assert_close(call(shuffle, (x, 3), 1), expected, rtol=0, atol=0)
 
 
 def test_profiler_still_sees_the_op():

@@ -43,3 +43,10 @@ def test_selftest_reports_a_raising_kernel(monkeypatch, capsys):
     monkeypatch.setattr(fastdw.ops, "se_scale", broken)
     assert selftest.main(["--backends", "cpu", "--dtypes", "float64", "--ops", "se_scale"]) == 1
     assert "RuntimeError: kernel exploded" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not fastdw.backends()["triton"], reason="triton unusable here (no CUDA, no TRITON_INTERPRET=1)")
+def test_selftest_runs_the_triton_kernels(capsys):
+    assert selftest.main(["--backends", "triton", "--dtypes", "float64", "--ops", "se_scale", "concat_shuffle"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" triton ") >= 6 and "FAIL" not in out

@@ -79,8 +79,11 @@ class DWConvBNAct(nn.Sequential):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self[0]
-        bn = self[1] if len(self) > 1 and isinstance(self[1], nn.BatchNorm2d) else None
+        mods = self._modules  # children "0", "1", "2" (Sequential indexing costs ~2 us per lookup)
+        conv = mods["0"]
+        bn = mods.get("1")
+        if not isinstance(bn, nn.BatchNorm2d):
+            bn = None
         if bn is None:
             return ops.dwconv_bn_act(x, conv.weight, conv.bias, stride=conv.stride,
                                      padding=_conv_padding(conv), dilation=conv.dilation,

@@ -32,18 +32,26 @@ _grad_enabled = torch.is_grad_enabled
 _profiler_on = torch._C._autograd._profiler_enabled
 
 
-def can_skip_autograd(args) -> bool:
-    """True where calling the CPU kernel directly gives exactly what ``op(*args)`` gives."""
+def can_skip_autograd(tensors) -> bool:
+    """True where calling the CPU kernel directly gives exactly what the dispatcher would give.
+
+    ``tensors``: every tensor argument of the call (None allowed). ~0.3 us per tensor plus ~0.4 us.
+    """
     if _is_compiling() or _tls_include().raw_repr() not in _PLAIN_TLS or _profiler_on():
         return False
     grad = _grad_enabled()
-    for a in args:
-        if isinstance(a, torch.Tensor) and (_tensor_keys(a).raw_repr() not in _PLAIN_CPU
-                                            or (grad and a.requires_grad)):
+    for t in tensors:
+        if t is not None and (_tensor_keys(t).raw_repr() not in _PLAIN_CPU or (grad and t.requires_grad)):
             return False
     return True
 
 
-def call(op: torch._ops.OpOverload, *args):
-    """``op(*args)``, skipping the autograd layer where nothing can differ (see the module doc)."""
-    return op.redispatch(_CPU, *args) if can_skip_autograd(args) else op(*args)
+def call(op: torch._ops.OpOverload, args: tuple, n_tensors: int):
+    """``op(*args)``, skipping the autograd layer where nothing can differ (see the module doc).
+
+    The first ``n_tensors`` arguments are the op's tensor arguments (each a tensor or None); the
+    rest must not be tensors.
+    """
+    if can_skip_autograd(args[:n_tensors]):
+        return op.redispatch(_CPU, *args)
+    return op(*args)

@@ -29,7 +29,7 @@ import torch
 
 from fastdw import _backend, _validate
 from fastdw import reference as _ref
-from fastdw.ops import _layout
+from fastdw.ops import _dispatch, _layout
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -48,7 +48,7 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
         return _ref.channel_shuffle(x, groups)
     if backend == "triton":
         return torch.ops.fastdw.triton_channel_shuffle.default(x, groups)
-    return torch.ops.fastdw.channel_shuffle.default(x, groups)
+    return _dispatch.call(torch.ops.fastdw.channel_shuffle.default, (x, groups), 1)
 
 
 def concat_shuffle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,7 @@ def concat_shuffle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return _ref.concat_shuffle(a, b)
     if backend == "triton":
         return torch.ops.fastdw.triton_concat_shuffle.default(a, b)
-    return torch.ops.fastdw.concat_shuffle.default(a, b)
+    return _dispatch.call(torch.ops.fastdw.concat_shuffle.default, (a, b), 2)
 
 
 def _check_pair(a, b) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from fastdw import _backend, _validate
 from fastdw import reference as _ref
+from fastdw.ops import _dispatch
 
 
 def dwconv_bn_act(
@@ -107,11 +108,12 @@ def dwconv_bn_act(
                 num_batches_tracked.add_(1)
         return out
 
-    op = torch.ops.fastdw.triton_dwconv_bn_act if backend == "triton" else torch.ops.fastdw.dwconv_bn_act
-    out, mean, var = op(
-        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, float(eps),
-        list(stride), list(padding), list(dilation), activation, groups,
-    )
+    args = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, float(eps),
+            list(stride), list(padding), list(dilation), activation, groups)
+    if backend == "triton":
+        out, mean, var = torch.ops.fastdw.triton_dwconv_bn_act.default(*args)
+    else:
+        out, mean, var = _dispatch.call(torch.ops.fastdw.dwconv_bn_act.default, args, 7)
     if update and num_batches_tracked is not None:
         with torch.no_grad():
             num_batches_tracked.add_(1)

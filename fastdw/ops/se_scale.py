@@ -30,7 +30,7 @@ import torch
 
 from fastdw import _backend, _validate
 from fastdw import reference as _ref
-from fastdw.ops import _layout
+from fastdw.ops import _dispatch, _layout
 
 
 def se_scale(
@@ -63,8 +63,11 @@ def se_scale(
     backend = _backend.resolve(x.device, x.dtype)
     if backend == "reference":
         return _ref.se_scale(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)
-    op = torch.ops.fastdw.triton_se_scale if backend == "triton" else torch.ops.fastdw.se_scale
-    out, _ = op.default(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)
+    args = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)
+    if backend == "triton":
+        out, _ = torch.ops.fastdw.triton_se_scale.default(*args)
+    else:
+        out, _ = _dispatch.call(torch.ops.fastdw.se_scale.default, args, 5)
     return out
 
 
