@@ -1,8 +1,8 @@
-// Memory-format rule shared by se_scale and channel_shuffle (dispatcher side, baseline flags).
+// Memory-format rules shared by every op and device (dispatcher side, host code).
 #pragma once
 #include <ATen/ATen.h>
 
-namespace fastdw::cpu {
+namespace fastdw {
 
 // Channels-last data ([N, *spatial, C] in memory): 4-D channels_last or 5-D channels_last_3d that is
 // not also plain contiguous. The same rule as dwconv_bn_act for 4-D tensors; must agree with
@@ -43,4 +43,4 @@ inline int64_t inner_size(const at::Tensor& x) {
   return n;
 }
 
-}  // namespace fastdw::cpu
+}  // namespace fastdw
