@@ -209,6 +209,22 @@ inline void check_se_backward(const SEShape& s, const at::Tensor& grad_out, cons
   check_se_same(grad_out, "grad_out", x);
 }
 
+// The outputs of se_scale_backward: allocated where mask asks for them (and the bias exists),
+// empty [0] tensors elsewhere, as the schema's callers expect.
+struct SEGrads {
+  at::Tensor gx, gw1, gb1, gw2, gb2;
+};
+inline SEGrads se_backward_outputs(const SEShape& s, const at::Tensor& x, const at::Tensor& fc1_weight,
+                                   const at::Tensor& fc2_weight, bool has_b1, bool has_b2, std::array<bool, 5> mask,
+                                   at::MemoryFormat fmt) {
+  auto none = [&] { return at::empty({0}, x.options()); };
+  return SEGrads{mask[0] ? at::empty(x.sizes(), x.options().memory_format(fmt)) : none(),
+                 mask[1] ? at::empty(fc1_weight.sizes(), x.options()) : none(),
+                 mask[2] && has_b1 ? at::empty({s.S}, x.options()) : none(),
+                 mask[3] ? at::empty(fc2_weight.sizes(), x.options()) : none(),
+                 mask[4] && has_b2 ? at::empty({s.C}, x.options()) : none()};
+}
+
 // ---- channel_shuffle, concat_shuffle -----------------------------------------------------------
 
 inline void check_shuffle_input(const at::Tensor& x, const char* op, const char* name) {

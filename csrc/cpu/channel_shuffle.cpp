@@ -36,12 +36,6 @@ at::Tensor channel_shuffle_cpu(const at::Tensor& x, int64_t groups) {
   return out;
 }
 
-// 4-D inputs are read through their strides; others are made contiguous and seen as [N, C, 1, L].
-at::Tensor as_4d(const at::Tensor& t) {
-  if (t.dim() == 4) return t;
-  return t.contiguous().view({t.size(0), t.size(1), 1, inner_size(t)});
-}
-
 at::Tensor concat_shuffle_cpu(const at::Tensor& a, const at::Tensor& b) {
   check_concat_shuffle(a, b);
   // Output channels_last if either input has channels_last-like strides (4-D only): in

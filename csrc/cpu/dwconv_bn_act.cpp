@@ -64,13 +64,6 @@ std::vector<int64_t> shuffle_sources(int64_t C, int64_t g) {
   return src;
 }
 
-// NHWC inputs read through a shuffle are shuffled once up front (the NHWC kernel vectorises over
-// channels, so a per-channel indirection would turn every load into a gather).
-at::Tensor shuffled(const at::Tensor& x, int64_t g, at::MemoryFormat fmt) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  return x.view({N, g, C / g, H, W}).transpose(1, 2).reshape({N, C, H, W}).contiguous(fmt);
-}
-
 // Small NCHW planes (MobileNet's 7x7 and 14x14 layers) waste most of each vector along W and pay
 // a per-plane setup; there the channels_last kernel on a transposed copy is faster, transposes
 // included (the tensors are small). The result is returned in NCHW as usual.

@@ -95,12 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_scale_
   const at::Tensor w2 = fc2_weight.reshape({s.C, s.S}).contiguous();
   const bool has_b1 = fc1_bias.has_value() && fc1_bias->defined();
   const bool has_b2 = fc2_bias.has_value() && fc2_bias->defined();
-  auto none = [&] { return at::empty({0}, x.options()); };
-  at::Tensor gx = mask[0] ? at::empty(x.sizes(), x.options().memory_format(fmt)) : none();
-  at::Tensor gw1 = mask[1] ? at::empty(fc1_weight.sizes(), x.options()) : none();
-  at::Tensor gb1 = mask[2] && has_b1 ? at::empty({s.S}, x.options()) : none();
-  at::Tensor gw2 = mask[3] ? at::empty(fc2_weight.sizes(), x.options()) : none();
-  at::Tensor gb2 = mask[4] && has_b2 ? at::empty({s.C}, x.options()) : none();
+  auto [gx, gw1, gb1, gw2, gb2] = se_backward_outputs(s, x, fc1_weight, fc2_weight, has_b1, has_b2, mask, fmt);
   if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) return {gx, gw1, gb1, gw2, gb2};
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "se_scale_backward_cpu", [&] {
