@@ -102,7 +102,8 @@ FASTDW_HD inline double bn_shift(double bias, double mean, double scale, double 
   return (bias - mean) * scale + beta;
 }
 
-// Backward, per channel: xhat = z * a1 + a0 (z the bias-free conv output), y = xhat * gamma + beta,
+// Backward, per channel: xhat = (z + a0) * a1 (z the bias-free conv output; the mean is subtracted
+// before the scaling, exact near the mean even for a tiny batch variance), y = xhat * gamma + beta,
 // and the conv-output gradient gz = k1 * g + k2 * xhat + k3 with g = grad_out * act'(y). In eval
 // (or without BN) k2 = k3 = 0; in training bn_train_terms gives them from the sums of g and
 // g * xhat over the M = N * Ho * Wo values of the channel.
@@ -110,7 +111,12 @@ struct BnBackward {
   double a1, a0, k1, k2, k3;
 };
 FASTDW_HD inline BnBackward bn_backward(double bias, double mean, double invstd, double gamma) {
-  return BnBackward{invstd, (bias - mean) * invstd, gamma * invstd, 0.0, 0.0};
+  return BnBackward{invstd, bias - mean, gamma * invstd, 0.0, 0.0};
+}
+// xhat of the backward (scalar or vector V).
+template <typename V>
+FASTDW_HD inline V bn_xhat(V z, V a0, V a1) {
+  return (z + a0) * a1;
 }
 FASTDW_HD inline void bn_train_terms(BnBackward& b, double sum_g, double sum_g_xhat, double M) {
   b.k2 = -b.k1 * sum_g_xhat / M;

@@ -182,7 +182,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     const auto& k = kernels<T>();
     const std::vector<double> ones(s.C, 1.0);
     const std::vector<T> w = weights<T>(s, weight, ones);
-    // xhat = z * a1 + a0 with z the bias-free conv output; gz = k1 * g + k2 * xhat + k3.
+    // xhat = (z + a0) * a1 with z the bias-free conv output (the mean is subtracted before the
+    // scaling: with a tiny batch variance, z * invstd - mean * invstd would cancel badly);
+    // gz = k1 * g + k2 * xhat + k3. The coefficients: bn_backward (csrc/common).
     std::vector<double> a1(s.C), a0(s.C), k1(s.C), k2(s.C, 0.0), k3(s.C, 0.0);
     std::vector<BnBackward> bn(s.C);
     for (int64_t c = 0; c < s.C; ++c) {

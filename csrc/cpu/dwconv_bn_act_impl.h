@@ -556,7 +556,7 @@ void scale_shift_act(const ConvShape& s, Act a, T* out, const T* scale, const T*
 
 // ---- backward: recompute, activation, BN backward --------------------------------------------
 
-// One pass per call: recompute z = conv(x, w) (no bias: it is inside p.a0), xhat = z * a1 + a0,
+// One pass per call: recompute z = conv(x, w) (no bias: it is inside p.a0), xhat = (z + a0) * a1,
 // y = xhat * gamma + beta, g = grad_out * act'(y). If sums: accumulate sum(g) and sum(g * xhat)
 // per channel. If out: store k1 * g + k2 * xhat + k3 (the conv-output gradient; in eval k2 = k3 = 0).
 template <typename T, int A>
@@ -582,7 +582,7 @@ void backward_act_impl(const ConvShape& s, const T* x, const T* w, const BwdPara
         const int64_t base = r * s.Wo * C;
         nhwc_conv_row(s, x, w, r / s.Ho, r % s.Ho, [&](int64_t wo, int64_t c, int64_t cnt, V<T> acc) {
           const int64_t i = base + wo * C + c;
-          const V<T> xh = at::vec::fmadd(acc, load(p.a1 + c, cnt), load(p.a0 + c, cnt));
+          const V<T> xh = (acc + load(p.a0 + c, cnt)) * load(p.a1 + c, cnt);  // subtract first: exact near the mean
           const V<T> g = act_bwd<A>(load(go + i, cnt), at::vec::fmadd(xh, load(p.gamma + c, cnt), load(p.beta + c, cnt)));
           if (out)
             store(at::vec::fmadd(load(p.k1 + c, cnt), g, at::vec::fmadd(load(p.k2 + c, cnt), xh, load(p.k3 + c, cnt))),
@@ -624,7 +624,7 @@ void backward_act_impl(const ConvShape& s, const T* x, const T* w, const BwdPara
       const int64_t pbase = pl * hw;
       nchw_conv_plane(s, d, off, buf, w + c * s.taps(), [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
         const int64_t i = pbase + ho * s.Wo + wo;
-        const V<T> xh = at::vec::fmadd(acc, a1, a0);
+        const V<T> xh = (acc + a0) * a1;
         const V<T> g = act_bwd<A>(load(go + i, cnt), at::vec::fmadd(xh, ga, be));
         if (out) store(at::vec::fmadd(k1, g, at::vec::fmadd(k2, xh, k3)), out + i, cnt);
         if (sums) {

@@ -26,7 +26,7 @@ struct DWKernels {
                   double* var);
   // out = act(out * scale[c] + shift[c]), in place.
   void (*scale_shift_act)(const ConvShape&, Act, T* out, const T* scale, const T* shift);
-  // Recompute z = conv(x, w), xhat = z * a1 + a0, y = xhat * gamma + beta, g = grad_out * act'(y).
+  // Recompute z = conv(x, w), xhat = (z + a0) * a1, y = xhat * gamma + beta, g = grad_out * act'(y).
   // out (nullable): k1 * g + k2 * xhat + k3, the conv-output gradient. sum_gy/sum_gy_xhat
   // (nullable): per-channel sums of g and g * xhat (the BN parameter gradients).
   void (*backward_act)(const ConvShape&, Act, const T* x, const T* w, const BwdParams<T>& p, const T* grad_out,

@@ -23,7 +23,7 @@
 //   z rather than recomputing the conv: one read and one write of the (smaller) output against
 //   a second read of the input with halo and K*K FMAs per output.
 // Backward (as the CPU op; only x and per-channel vectors are saved): the BWD_ACT pass recomputes
-//   z, xhat = z * a1 + a0, g = grad_out * act'(xhat * gamma + beta) and reduces sum(g),
+//   z, xhat = (z + a0) * a1, g = grad_out * act'(xhat * gamma + beta) and reduces sum(g),
 //   sum(g * xhat) per block (training: a first pass for the sums, sums_kernel turns them into
 //   the BN terms, a second pass writes gz = k1 g + k2 xhat + k3 to a float workspace; eval: one
 //   pass does both). Weight gradient: the BWD_WEIGHT pass loads the x tile once into shared
@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(256) dw_tile_kernel(Geo g, Args<T, A> args) {
       s1 += vals[k];
       cnt += 1;
     } else {  // kBwdAct
-      const A x_hat = acc * coef[kA1 * C + cc] + coef[kA0 * C + cc];
+      const A x_hat = bn_xhat(acc, coef[kA0 * C + cc], coef[kA1 * C + cc]);
       const A y = x_hat * coef[kGamma * C + cc] + coef[kBeta * C + cc];
       const A gr = act_bwd<ACT, ScalarOps<A>>(A(args.go[o]), y);
       if (args.want_out)
