@@ -10,8 +10,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "common/checks.h"
 #include "cpu/channel_shuffle_kernel.h"
-#include "cpu/layout.h"
 
 namespace fastdw::cpu {
 namespace {
@@ -22,19 +22,9 @@ const ShuffleKernels<T>& kernels() {
   else return shuffle_table_for_cpu().f64;
 }
 
-void check_input(const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(x.dim() >= 3, "fastdw::", op, ": ", name, " must have at least 3 dimensions [N, C, *], got ",
-                    x.dim(), "-D");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "fastdw::", op, " (cpu): ", name,
-                   " must be float32 or float64, got ", x.scalar_type());
-}
-
 at::Tensor channel_shuffle_cpu(const at::Tensor& x, int64_t groups) {
-  check_input(x, "channel_shuffle", "input");
+  check_channel_shuffle(x, groups);
   const int64_t C = x.size(1);
-  TORCH_CHECK_VALUE(groups >= 1, "fastdw::channel_shuffle: groups must be >= 1, got ", groups);
-  TORCH_CHECK_VALUE(C % groups == 0, "fastdw::channel_shuffle: groups (", groups,
-                    ") must divide the number of channels (", C, ")");
   const bool cl = channels_last_layout(x);
   const auto fmt = layout_format(x, cl);
   at::Tensor xc = x.contiguous(fmt);
@@ -46,20 +36,8 @@ at::Tensor channel_shuffle_cpu(const at::Tensor& x, int64_t groups) {
   return out;
 }
 
-// 4-D inputs are read through their strides; others are made contiguous and seen as [N, C, 1, L].
-at::Tensor as_4d(const at::Tensor& t) {
-  if (t.dim() == 4) return t;
-  return t.contiguous().view({t.size(0), t.size(1), 1, inner_size(t)});
-}
-
 at::Tensor concat_shuffle_cpu(const at::Tensor& a, const at::Tensor& b) {
-  check_input(a, "concat_shuffle", "a");
-  check_input(b, "concat_shuffle", "b");
-  TORCH_CHECK(b.device() == a.device(), "fastdw::concat_shuffle: b is on ", b.device(), " but a is on ", a.device());
-  TORCH_CHECK_TYPE(b.scalar_type() == a.scalar_type(), "fastdw::concat_shuffle: b has dtype ", b.scalar_type(),
-                   " but a has dtype ", a.scalar_type());
-  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), "fastdw::concat_shuffle: a and b must have the same shape, got ",
-                    a.sizes(), " and ", b.sizes());
+  check_concat_shuffle(a, b);
   // Output channels_last if either input has channels_last-like strides (4-D only): in
   // ShuffleNetV2 one input is a channel slice of a bigger tensor, dense in neither format.
   const bool cl = strides_like_channels_last(a) || strides_like_channels_last(b);
@@ -81,9 +59,7 @@ at::Tensor concat_shuffle_cpu(const at::Tensor& a, const at::Tensor& b) {
 }
 
 std::tuple<at::Tensor, at::Tensor> concat_shuffle_backward_cpu(const at::Tensor& grad_out) {
-  check_input(grad_out, "concat_shuffle_backward", "grad_out");
-  TORCH_CHECK_VALUE(grad_out.size(1) % 2 == 0, "fastdw::concat_shuffle_backward: grad_out must have an even number "
-                    "of channels, got ", grad_out.size(1));
+  check_concat_shuffle_backward(grad_out);
   const bool cl = grad_out.dim() == 4 && channels_last_layout(grad_out);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor g = grad_out.contiguous(fmt);

@@ -124,7 +124,7 @@ void shuffle(const ShuffleShape& s, const T* x, T* out) {
     at::parallel_for(0, s.N * C, grain(inner), [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t n = j / C, co = j % C;
-        const int64_t ci = (co % g) * cg + co / g;
+        const int64_t ci = shuffle_src(co, C, g);
         copy_n(x + (n * C + ci) * inner, out + j * inner, inner);
       }
     });

@@ -4,22 +4,12 @@
 #pragma once
 #include <cstdint>
 
+#include "common/channel_shuffle_math.h"
 #include "cpu/isa.h"
 
 namespace fastdw::cpu {
 
-struct ShuffleShape {
-  int64_t N, C, inner;  // channels of the output; positions per (n, c)
-  int64_t groups;
-  bool cl;  // [N][inner][C] (channels last), else [N][C][inner]; input and output dense alike
-};
-
-// Two inputs of N x C x H x W with arbitrary strides (elements) and a dense output with 2C channels.
-struct PairShape {
-  int64_t N, C, H, W;  // C: channels of each input
-  bool cl;             // output (and the dense tensors of the backward) [N][H][W][2C], else [N][2C][H][W]
-  int64_t sa[4], sb[4];  // strides of a and b over (N, C, H, W)
-};
+// ShuffleShape, PairShape: csrc/common/channel_shuffle_math.h (shared with the CUDA kernels).
 
 template <typename T>
 struct ShuffleKernels {

@@ -16,25 +16,11 @@
 #include <cmath>
 #include <vector>
 
+#include "common/checks.h"
 #include "cpu/dwconv_bn_act_kernel.h"
 
 namespace fastdw::cpu {
 namespace {
-
-Act parse_act(const std::string& a) {
-  if (a == "relu") return Act::ReLU;
-  if (a == "relu6") return Act::ReLU6;
-  if (a == "hardswish") return Act::HardSwish;
-  if (a == "silu") return Act::SiLU;
-  TORCH_CHECK_VALUE(a == "none", "fastdw::dwconv_bn_act: unknown activation '", a,
-                    "'; expected relu, relu6, hardswish, silu or none");
-  return Act::None;
-}
-
-// Must agree with _is_channels_last() in fastdw/ops/dwconv_bn_act.py (fake kernel strides).
-bool is_channels_last(const at::Tensor& x) {
-  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
-}
 
 // Per-channel parameters are tiny; read them straight from memory (no ATen op per call: the
 // fixed cost matters for the small layers of batch-1 inference).
@@ -59,58 +45,6 @@ std::vector<double> as_doubles(const std::optional<at::Tensor>& t, int64_t n, do
   return as_doubles(*t, n);
 }
 
-void check_vec(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x, int64_t C) {
-  if (!t.has_value() || !t->defined()) return;
-  TORCH_CHECK(t->device() == x.device(), "fastdw::dwconv_bn_act: ", name, " is on ", t->device(),
-              " but the input is on ", x.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), "fastdw::dwconv_bn_act: ", name,
-                   " must be floating point, got ", t->scalar_type());
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C, "fastdw::dwconv_bn_act: ", name, " must have shape [",
-                    C, "], got ", t->sizes());
-}
-
-ConvShape make_shape(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
-                     at::IntArrayRef dilation) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "fastdw::dwconv_bn_act: input must be 4-D [N, C, H, W], got ", x.dim(), "-D");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                   "fastdw::dwconv_bn_act (cpu): input must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), "fastdw::dwconv_bn_act: weight dtype ", w.scalar_type(),
-                   " does not match input dtype ", x.scalar_type());
-  TORCH_CHECK(w.device() == x.device(), "fastdw::dwconv_bn_act: weight is on ", w.device(), " but the input is on ",
-              x.device());
-  const int64_t C = x.size(1);
-  TORCH_CHECK_VALUE(w.dim() == 4 && w.size(0) == C && w.size(1) == 1 && w.size(2) >= 1 && w.size(3) >= 1,
-                    "fastdw::dwconv_bn_act: weight must have shape [C, 1, kh, kw] with C = ", C, ", got ",
-                    w.sizes());
-  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-                    "fastdw::dwconv_bn_act: stride, padding and dilation must have 2 elements");
-  TORCH_CHECK_VALUE(stride[0] >= 1 && stride[1] >= 1, "fastdw::dwconv_bn_act: stride must be >= 1, got ", stride);
-  TORCH_CHECK_VALUE(dilation[0] >= 1 && dilation[1] >= 1, "fastdw::dwconv_bn_act: dilation must be >= 1, got ",
-                    dilation);
-  TORCH_CHECK_VALUE(padding[0] >= 0 && padding[1] >= 0, "fastdw::dwconv_bn_act: padding must be >= 0, got ",
-                    padding);
-  ConvShape s;
-  s.N = x.size(0);
-  s.C = C;
-  s.H = x.size(2);
-  s.W = x.size(3);
-  s.KH = w.size(2);
-  s.KW = w.size(3);
-  s.SH = stride[0];
-  s.SW = stride[1];
-  s.PH = padding[0];
-  s.PW = padding[1];
-  s.DH = dilation[0];
-  s.DW = dilation[1];
-  s.Ho = (s.H + 2 * s.PH - s.DH * (s.KH - 1) - 1) / s.SH + 1;
-  s.Wo = (s.W + 2 * s.PW - s.DW * (s.KW - 1) - 1) / s.SW + 1;
-  TORCH_CHECK_VALUE(s.H + 2 * s.PH - s.DH * (s.KH - 1) - 1 >= 0 && s.W + 2 * s.PW - s.DW * (s.KW - 1) - 1 >= 0,
-                    "fastdw::dwconv_bn_act: input ", s.H, "x", s.W, " is too small for the kernel ", s.KH, "x", s.KW,
-                    " with this padding and dilation");
-  s.cl = is_channels_last(x);
-  return s;
-}
-
 // Weights in the kernel's layout: [C][taps] (NCHW) or [taps][C] (NHWC), each scaled by scale[c].
 template <typename T>
 std::vector<T> weights(const ConvShape& s, const at::Tensor& w, const std::vector<double>& scale) {
@@ -125,19 +59,9 @@ std::vector<T> weights(const ConvShape& s, const at::Tensor& w, const std::vecto
 
 // Input channel c of the conv is channel src[c] of x when x is read through channel_shuffle(x, g).
 std::vector<int64_t> shuffle_sources(int64_t C, int64_t g) {
-  TORCH_CHECK_VALUE(g >= 1, "fastdw::dwconv_bn_act: shuffle_groups must be >= 1, got ", g);
-  TORCH_CHECK_VALUE(C % g == 0, "fastdw::dwconv_bn_act: shuffle_groups (", g, ") must divide the channels (", C, ")");
   std::vector<int64_t> src(C);
-  const int64_t per = C / g;
-  for (int64_t c = 0; c < C; ++c) src[c] = (c % g) * per + c / g;
+  for (int64_t c = 0; c < C; ++c) src[c] = shuffle_src(c, C, g);
   return src;
-}
-
-// NHWC inputs read through a shuffle are shuffled once up front (the NHWC kernel vectorises over
-// channels, so a per-channel indirection would turn every load into a gather).
-at::Tensor shuffled(const at::Tensor& x, int64_t g, at::MemoryFormat fmt) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  return x.view({N, g, C / g, H, W}).transpose(1, 2).reshape({N, C, H, W}).contiguous(fmt);
 }
 
 // Small NCHW planes (MobileNet's 7x7 and 14x14 layers) waste most of each vector along W and pay
@@ -164,20 +88,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
     const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var, bool training, double eps,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation,
     int64_t shuffle_groups) {
-  ConvShape s = make_shape(x, weight, stride, padding, dilation);
+  auto [s, act] = check_dwconv(x, weight, bias, bn_weight, bn_bias, mean, var, stride, padding, dilation,
+                               activation, shuffle_groups);
+  check_dwconv_forward(s, mean, var, training);
   const std::vector<int64_t> src = shuffle_sources(s.C, shuffle_groups);
   const bool nchw_as_nhwc = use_nhwc_for_small_planes(s, shuffle_groups);
   if (nchw_as_nhwc) s.cl = true;
-  const Act act = parse_act(std::string(activation));
-  for (auto [t, name] : {std::pair{&bias, "bias"}, {&bn_weight, "bn_weight"}, {&bn_bias, "bn_bias"},
-                         {&mean, "mean"}, {&var, "var"}})
-    check_vec(*t, name, x, s.C);
-  const bool has_stats = mean.has_value() && mean->defined();
-  TORCH_CHECK_VALUE(has_stats == (var.has_value() && var->defined()),
-                    "fastdw::dwconv_bn_act: mean and var must be given together");
-  TORCH_CHECK_VALUE(!training || s.N * s.Ho * s.Wo != 1,
-                    "Expected more than 1 value per channel when training, got input size [", s.N, ", ", s.C, ", ",
-                    s.Ho, ", ", s.Wo, "]");
+  const bool has_stats = defined(mean);
   const bool normalises = training || has_stats;
   const auto fmt = s.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor xc = shuffle_groups > 1 && s.cl ? shuffled(x, shuffle_groups, fmt) : x.contiguous(fmt);
@@ -201,8 +118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
       k.forward(s, Act::None, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>(), bm.data(),
                 bv.data());
       for (int64_t c = 0; c < s.C; ++c) {
-        scale[c] = g[c] / std::sqrt(bv[c] + eps);
-        shift[c] = beta[c] - bm[c] * scale[c];
+        scale[c] = bn_scale(g[c], bv[c], eps);
+        shift[c] = bn_shift(0.0, bm[c], scale[c], beta[c]);
         save_mean.mutable_data_ptr<T>()[c] = static_cast<T>(bm[c]);
         save_var.mutable_data_ptr<T>()[c] = static_cast<T>(bv[c]);
       }
@@ -214,8 +131,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
     if (normalises) {
       const std::vector<double> m = as_doubles(mean, s.C, 0.0), v = as_doubles(var, s.C, 1.0);
       for (int64_t c = 0; c < s.C; ++c) {
-        scale[c] = g[c] / std::sqrt(v[c] + eps);
-        fb[c] = (b[c] - m[c]) * scale[c] + beta[c];
+        scale[c] = bn_scale(g[c], v[c], eps);
+        fb[c] = bn_shift(b[c], m[c], scale[c], beta[c]);
       }
     }
     const std::vector<T> w = weights<T>(s, weight, scale);
@@ -232,20 +149,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var, bool training, double eps,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation,
     std::array<bool, 5> mask, int64_t shuffle_groups) {
-  ConvShape s = make_shape(x, weight, stride, padding, dilation);
+  auto [s, act] = check_dwconv(x, weight, bias, bn_weight, bn_bias, mean, var, stride, padding, dilation,
+                               activation, shuffle_groups);
+  check_dwconv_backward(s, grad_out, mean, training);
   const std::vector<int64_t> src = shuffle_sources(s.C, shuffle_groups);
   const bool nchw_as_nhwc = use_nhwc_for_small_planes(s, shuffle_groups);
   if (nchw_as_nhwc) s.cl = true;
-  const Act act = parse_act(std::string(activation));
-  for (auto [t, name] : {std::pair{&bias, "bias"}, {&bn_weight, "bn_weight"}, {&bn_bias, "bn_bias"},
-                         {&mean, "mean"}, {&var, "var"}})
-    check_vec(*t, name, x, s.C);
-  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == s.N && grad_out.size(1) == s.C &&
-                        grad_out.size(2) == s.Ho && grad_out.size(3) == s.Wo,
-                    "fastdw::dwconv_bn_act_backward: grad_out has shape ", grad_out.sizes(), ", expected [", s.N,
-                    ", ", s.C, ", ", s.Ho, ", ", s.Wo, "]");
-  const bool has_stats = mean.has_value() && mean->defined() && mean->numel() > 0;
-  TORCH_CHECK_VALUE(!training || has_stats, "fastdw::dwconv_bn_act_backward: training needs the saved batch mean/var");
+  const bool has_stats = defined(mean) && mean->numel() > 0;
   const bool normalises = training || has_stats;
   const auto fmt = s.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const bool shuffle_copy = shuffle_groups > 1 && s.cl;
@@ -274,12 +184,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     const std::vector<T> w = weights<T>(s, weight, ones);
     // xhat = (z + a0) * a1 with z the bias-free conv output (the mean is subtracted before the
     // scaling: with a tiny batch variance, z * invstd - mean * invstd would cancel badly);
-    // gz = k1 * g + k2 * xhat + k3.
+    // gz = k1 * g + k2 * xhat + k3. The coefficients: bn_backward (csrc/common).
     std::vector<double> a1(s.C), a0(s.C), k1(s.C), k2(s.C, 0.0), k3(s.C, 0.0);
+    std::vector<BnBackward> bn(s.C);
     for (int64_t c = 0; c < s.C; ++c) {
-      a1[c] = invstd[c];
-      a0[c] = b[c] - m[c];
-      k1[c] = g[c] * invstd[c];
+      bn[c] = bn_backward(b[c], m[c], invstd[c], g[c]);
+      a1[c] = bn[c].a1;
+      a0[c] = bn[c].a0;
+      k1[c] = bn[c].k1;
     }
     const std::vector<T> a1t = cast<T>(a1), a0t = cast<T>(a0), gt = cast<T>(g), bet = cast<T>(beta);
     std::vector<T> k1t = cast<T>(k1), k2t = cast<T>(k2), k3t = cast<T>(k3);
@@ -299,8 +211,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
       if (need_gz) {
         const double M = double(s.N * s.Ho * s.Wo);
         for (int64_t c = 0; c < s.C; ++c) {
-          k2t[c] = static_cast<T>(-k1[c] * sum_gyx[c] / M);
-          k3t[c] = static_cast<T>(-k1[c] * sum_gy[c] / M);
+          bn_train_terms(bn[c], sum_gy[c], sum_gyx[c], M);
+          k2t[c] = static_cast<T>(bn[c].k2);
+          k3t[c] = static_cast<T>(bn[c].k3);
         }
         k.backward_act(s, act, xp, w.data(), p, gop, gzp, nullptr, nullptr);
       }

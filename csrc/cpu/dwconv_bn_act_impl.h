@@ -37,71 +37,31 @@ inline double hsum(const V<T>& v, int64_t n) {
 
 // ---- activations ---------------------------------------------------------------------------
 
+// The primitives of the shared activation formulas (csrc/common/dwconv_bn_act_math.h) on vectors.
+template <typename T>
+struct VecOps {
+  using V = Vectorized<T>;
+  static V splat(double v) { return V(T(v)); }
+  static V clamp_min(const V& y, const V& lo) { return at::vec::clamp_min(y, lo); }
+  static V clamp(const V& y, const V& lo, const V& hi) { return at::vec::clamp(y, lo, hi); }
+  static V exp_neg(const V& y) { return y.neg().exp(); }
+  static V select(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }
+};
+
 template <int A, typename T>
 inline V<T> act_fwd(const V<T>& y) {
-  if constexpr (A == int(Act::ReLU)) {
-    return at::vec::clamp_min(y, V<T>(0));
-  } else if constexpr (A == int(Act::ReLU6)) {
-    return at::vec::clamp(y, V<T>(0), V<T>(6));
-  } else if constexpr (A == int(Act::HardSwish)) {
-    return y * at::vec::clamp(y + V<T>(3), V<T>(0), V<T>(6)) / V<T>(6);
-  } else if constexpr (A == int(Act::SiLU)) {
-    return y / (V<T>(1) + y.neg().exp());
-  } else {
-    return y;
-  }
+  return ::fastdw::act_fwd<A, VecOps<T>>(y);
 }
 
-// grad_out * act'(y), with PyTorch's conventions at the kinks (relu: y > 0; relu6: 0 < y < 6;
-// hardswish: 0 below -3, y/3 + 1/2 up to 3 inclusive, 1 above).
+// grad_out * act'(y) (conventions at the kinks: see the shared formula).
 template <int A, typename T>
 inline V<T> act_bwd(const V<T>& go, const V<T>& y) {
-  if constexpr (A == int(Act::ReLU)) {
-    return V<T>::blendv(V<T>(0), go, y > V<T>(0));
-  } else if constexpr (A == int(Act::ReLU6)) {
-    return V<T>::blendv(V<T>(0), go, (y > V<T>(0)) & (y < V<T>(6)));
-  } else if constexpr (A == int(Act::HardSwish)) {
-    V<T> mid = go * (y / V<T>(3) + V<T>(0.5));
-    V<T> r = V<T>::blendv(mid, go, y > V<T>(3));
-    return V<T>::blendv(r, V<T>(0), y < V<T>(-3));
-  } else if constexpr (A == int(Act::SiLU)) {
-    V<T> s = V<T>(1) / (V<T>(1) + y.neg().exp());
-    return go * s * (V<T>(1) + y * (V<T>(1) - s));
-  } else {
-    return go;
-  }
-}
-
-template <typename F>
-inline void dispatch_act(Act a, F&& f) {
-  switch (a) {
-    case Act::ReLU: f(std::integral_constant<int, int(Act::ReLU)>{}); break;
-    case Act::ReLU6: f(std::integral_constant<int, int(Act::ReLU6)>{}); break;
-    case Act::HardSwish: f(std::integral_constant<int, int(Act::HardSwish)>{}); break;
-    case Act::SiLU: f(std::integral_constant<int, int(Act::SiLU)>{}); break;
-    default: f(std::integral_constant<int, int(Act::None)>{}); break;
-  }
+  return ::fastdw::act_bwd<A, VecOps<T>>(go, y);
 }
 
 // ---- index helpers ---------------------------------------------------------------------------
 
-// Taps k in [k0, k1) keep i0 + k * d inside [0, size).
-inline void tap_range(int64_t i0, int64_t d, int64_t K, int64_t size, int64_t& k0, int64_t& k1) {
-  k0 = i0 >= 0 ? 0 : (-i0 + d - 1) / d;
-  int64_t last = size - 1 - i0;  // need k * d <= last
-  k1 = last < 0 ? 0 : std::min<int64_t>(K, last / d + 1);
-  if (k1 < k0) k1 = k0;
-}
-
-// Chan et al.: merge (n_b, mean_b, m2_b) into (n_a, mean_a, m2_a).
-inline void chan_merge(double& n_a, double& mean_a, double& m2_a, double n_b, double mean_b, double m2_b) {
-  if (n_b == 0) return;
-  double n = n_a + n_b;
-  double delta = mean_b - mean_a;
-  mean_a += delta * n_b / n;
-  m2_a += m2_b + delta * delta * n_a * n_b / n;
-  n_a = n;
-}
+// tap_range, chan_merge: csrc/common/dwconv_bn_act_math.h.
 
 inline int64_t grain_for(int64_t work_per_task) {
   // Enough tasks per chunk that a chunk does ~32K multiply-adds.

@@ -5,26 +5,12 @@
 #pragma once
 #include <cstdint>
 
+#include "common/dwconv_bn_act_math.h"
 #include "cpu/isa.h"
 
 namespace fastdw::cpu {
 
-enum class Act : int { None = 0, ReLU = 1, ReLU6 = 2, HardSwish = 3, SiLU = 4 };
-
-struct ConvShape {
-  int64_t N, C, H, W, Ho, Wo;
-  int64_t KH, KW, SH, SW, PH, PW, DH, DW;
-  bool cl;  // channels_last (NHWC) data; weights are then laid out [KH*KW][C], else [C][KH*KW]
-  // NCHW only: channel c of the conv reads input plane chan_src[c] (and writes its input gradient
-  // there): a channel shuffle absorbed into the read. nullptr = identity.
-  const int64_t* chan_src = nullptr;
-  int64_t taps() const { return KH * KW; }
-  // Offset of input plane (n, c) in an NCHW tensor, through chan_src.
-  int64_t in_plane(int64_t p) const {
-    const int64_t n = p / C, c = p - n * C;
-    return (n * C + (chan_src ? chan_src[c] : c)) * H * W;
-  }
-};
+// Act and ConvShape: csrc/common/dwconv_bn_act_math.h (shared with the CUDA kernels).
 
 // Per-channel vectors of the backward pass (length C each).
 template <typename T>

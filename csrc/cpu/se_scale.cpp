@@ -17,69 +17,11 @@
 #include <string>
 #include <vector>
 
-#include "cpu/layout.h"
+#include "common/checks.h"
 #include "cpu/se_scale_kernel.h"
 
 namespace fastdw::cpu {
 namespace {
-
-SEAct parse_act(c10::string_view a) {
-  if (a == "relu") return SEAct::ReLU;
-  TORCH_CHECK_VALUE(a == "silu", "fastdw::se_scale: unknown activation '", std::string(a),
-                    "'; expected relu or silu");
-  return SEAct::SiLU;
-}
-
-SEGate parse_gate(c10::string_view g) {
-  if (g == "hardsigmoid") return SEGate::HardSigmoid;
-  TORCH_CHECK_VALUE(g == "sigmoid", "fastdw::se_scale: unknown gate '", std::string(g),
-                    "'; expected hardsigmoid or sigmoid");
-  return SEGate::Sigmoid;
-}
-
-void check_same(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), "fastdw::se_scale: ", name, " is on ", t.device(), " but the input is on ",
-              x.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "fastdw::se_scale: ", name, " has dtype ", t.scalar_type(),
-                   " but the input has dtype ", x.scalar_type());
-}
-
-// A 1x1 conv weight [rows, cols, 1, 1] (or a Linear weight [rows, cols]).
-void check_fc(const at::Tensor& w, const char* name, const at::Tensor& x, int64_t rows, int64_t cols) {
-  check_same(w, name, x);
-  const bool ok = (w.dim() == 2 || (w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1)) && w.size(0) == rows &&
-                  w.size(1) == cols;
-  TORCH_CHECK_VALUE(ok, "fastdw::se_scale: ", name, " must have shape [", rows, ", ", cols, ", 1, 1], got ",
-                    w.sizes());
-}
-
-void check_bias(const std::optional<at::Tensor>& b, const char* name, const at::Tensor& x, int64_t n) {
-  if (!b.has_value() || !b->defined()) return;
-  check_same(*b, name, x);
-  TORCH_CHECK_VALUE(b->dim() == 1 && b->size(0) == n, "fastdw::se_scale: ", name, " must have shape [", n,
-                    "], got ", b->sizes());
-}
-
-SEShape make_shape(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                   const at::Tensor& w2, const std::optional<at::Tensor>& b2) {
-  TORCH_CHECK_VALUE(x.dim() >= 3, "fastdw::se_scale: input must have at least 3 dimensions [N, C, *], got ",
-                    x.dim(), "-D");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                   "fastdw::se_scale (cpu): input must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(w1.dim() == 2 || w1.dim() == 4, "fastdw::se_scale: fc1_weight must have shape [S, C, 1, 1], got ",
-                    w1.sizes());
-  SEShape s;
-  s.N = x.size(0);
-  s.C = x.size(1);
-  s.S = w1.size(0);
-  s.HW = inner_size(x);
-  s.cl = channels_last_layout(x);
-  check_fc(w1, "fc1_weight", x, s.S, s.C);
-  check_fc(w2, "fc2_weight", x, s.C, s.S);
-  check_bias(b1, "fc1_bias", x, s.S);
-  check_bias(b2, "fc2_bias", x, s.C);
-  return s;
-}
 
 template <typename T>
 const SEKernels<T>& kernels() {
@@ -112,9 +54,9 @@ std::tuple<at::Tensor, at::Tensor> se_scale_cpu(const at::Tensor& x, const at::T
                                                 const at::Tensor& fc2_weight,
                                                 const std::optional<at::Tensor>& fc2_bias,
                                                 c10::string_view activation, c10::string_view gate) {
-  const SEShape s = make_shape(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias);
-  const SEAct act = parse_act(activation);
-  const SEGate gt = parse_gate(gate);
+  const SEShape s = make_se_shape(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias);
+  const SEAct act = parse_se_act(activation);
+  const SEGate gt = parse_se_gate(gate);
   const auto fmt = layout_format(x, s.cl);
   at::Tensor xc = x.contiguous(fmt);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(fmt));
@@ -141,16 +83,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_scale_
     const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
     const std::optional<at::Tensor>& fc2_bias, c10::string_view activation, c10::string_view gate,
     std::array<bool, 5> mask) {
-  const SEShape s = make_shape(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias);
-  const SEAct act = parse_act(activation);
-  const SEGate gt = parse_gate(gate);
-  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "fastdw::se_scale_backward: grad_out has shape ",
-                    grad_out.sizes(), ", expected ", x.sizes());
-  TORCH_CHECK_VALUE(pooled.dim() == 2 && pooled.size(0) == s.N && pooled.size(1) == s.C,
-                    "fastdw::se_scale_backward: pooled must have shape [", s.N, ", ", s.C, "], got ",
-                    pooled.sizes());
-  check_same(pooled, "pooled", x);
-  check_same(grad_out, "grad_out", x);
+  const SEShape s = make_se_shape(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias);
+  const SEAct act = parse_se_act(activation);
+  const SEGate gt = parse_se_gate(gate);
+  check_se_backward(s, grad_out, x, pooled);
   const auto fmt = layout_format(x, s.cl);
   at::Tensor xc = x.contiguous(fmt);
   at::Tensor go = grad_out.contiguous(fmt);
@@ -159,12 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_scale_
   const at::Tensor w2 = fc2_weight.reshape({s.C, s.S}).contiguous();
   const bool has_b1 = fc1_bias.has_value() && fc1_bias->defined();
   const bool has_b2 = fc2_bias.has_value() && fc2_bias->defined();
-  auto none = [&] { return at::empty({0}, x.options()); };
-  at::Tensor gx = mask[0] ? at::empty(x.sizes(), x.options().memory_format(fmt)) : none();
-  at::Tensor gw1 = mask[1] ? at::empty(fc1_weight.sizes(), x.options()) : none();
-  at::Tensor gb1 = mask[2] && has_b1 ? at::empty({s.S}, x.options()) : none();
-  at::Tensor gw2 = mask[3] ? at::empty(fc2_weight.sizes(), x.options()) : none();
-  at::Tensor gb2 = mask[4] && has_b2 ? at::empty({s.C}, x.options()) : none();
+  auto [gx, gw1, gb1, gw2, gb2] = se_backward_outputs(s, x, fc1_weight, fc2_weight, has_b1, has_b2, mask, fmt);
   if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) return {gx, gw1, gb1, gw2, gb2};
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "se_scale_backward_cpu", [&] {

@@ -73,31 +73,16 @@ constexpr int64_t kChunk = 16384;
 inline int64_t grain(int64_t per_task) { return std::max<int64_t>(1, kChunk / std::max<int64_t>(1, per_task)); }
 
 // ---- scalar activation and gate (on [N][S] and [N][C] vectors only) ---------------------------
+// The shared functions of csrc/common/se_scale_math.h, the same the CUDA kernels run.
 
 template <typename T>
-inline T act_f(SEAct a, T h) {
-  return a == SEAct::ReLU ? (h < T(0) ? T(0) : h) : h / (T(1) + std::exp(-h));
-}
-// PyTorch's conventions: relu' = 1 for h > 0 else 0; silu' = s (1 + h (1 - s)).
+inline T act_f(SEAct a, T h) { return se_act(a, h); }
 template <typename T>
-inline T act_d(SEAct a, T h) {
-  if (a == SEAct::ReLU) return h > T(0) ? T(1) : T(0);
-  const T s = T(1) / (T(1) + std::exp(-h));
-  return s * (T(1) + h * (T(1) - s));
-}
-// hardsigmoid(z) = relu6(z + 3) / 6 (PyTorch's definition); sigmoid(z) = 1 / (1 + e^-z).
+inline T act_d(SEAct a, T h) { return se_act_grad(a, h); }
 template <typename T>
-inline T gate_f(SEGate g, T z) {
-  if (g == SEGate::HardSigmoid) return std::min(std::max(z + T(3), T(0)), T(6)) / T(6);
-  return T(1) / (T(1) + std::exp(-z));
-}
-// hardsigmoid' = 1/6 strictly inside (-3, 3), 0 outside (as PyTorch); sigmoid' = s (1 - s).
+inline T gate_f(SEGate g, T z) { return se_gate(g, z); }
 template <typename T>
-inline T gate_d(SEGate g, T z) {
-  if (g == SEGate::HardSigmoid) return (z > T(-3) && z < T(3)) ? T(1) / T(6) : T(0);
-  const T s = T(1) / (T(1) + std::exp(-z));
-  return s * (T(1) - s);
-}
+inline T gate_d(SEGate g, T z) { return se_gate_grad(g, z); }
 
 // ---- pass over x: per-(n, c) sums ---------------------------------------------------------------
 

@@ -4,17 +4,12 @@
 #pragma once
 #include <cstdint>
 
+#include "common/se_scale_math.h"
 #include "cpu/isa.h"
 
 namespace fastdw::cpu {
 
-enum class SEAct : int { ReLU = 0, SiLU = 1 };
-enum class SEGate : int { HardSigmoid = 0, Sigmoid = 1 };
-
-struct SEShape {
-  int64_t N, C, S, HW;  // batch, channels, squeeze channels, spatial positions per plane
-  bool cl;              // x is [N][HW][C] (channels last), else [N][C][HW]
-};
+// SEAct, SEGate, SEShape: csrc/common/se_scale_math.h (shared with the CUDA kernels).
 
 template <typename T>
 struct SEKernels {

@@ -1,8 +1,8 @@
-// Memory-format rule shared by se_scale and channel_shuffle (dispatcher side, baseline flags).
+// Memory-format rules shared by every op and device (dispatcher side, host code).
 #pragma once
 #include <ATen/ATen.h>
 
-namespace fastdw::cpu {
+namespace fastdw {
 
 // Channels-last data ([N, *spatial, C] in memory): 4-D channels_last or 5-D channels_last_3d that is
 // not also plain contiguous. The same rule as dwconv_bn_act for 4-D tensors; must agree with
@@ -43,4 +43,17 @@ inline int64_t inner_size(const at::Tensor& x) {
   return n;
 }
 
-}  // namespace fastdw::cpu
+// channel_shuffle(x, g) of a 4-D tensor as a dense copy in format fmt (dwconv_bn_act shuffles
+// channels_last inputs up front; the inverse is shuffled(y, C / g, fmt)).
+inline at::Tensor shuffled(const at::Tensor& x, int64_t g, at::MemoryFormat fmt) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  return x.view({N, g, C / g, H, W}).transpose(1, 2).reshape({N, C, H, W}).contiguous(fmt);
+}
+
+// 4-D inputs as they are (read through their strides); others made contiguous, seen as [N, C, 1, L].
+inline at::Tensor as_4d(const at::Tensor& t) {
+  if (t.dim() == 4) return t;
+  return t.contiguous().view({t.size(0), t.size(1), 1, inner_size(t)});
+}
+
+}  // namespace fastdw
