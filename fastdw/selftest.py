@@ -68,6 +68,11 @@ def _rand(g: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=g, dtype=torch.float64)
 
 
+def _rand_input(g: torch.Generator, shape, channels_last: bool) -> torch.Tensor:
+    x = _rand(g, *shape)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def _dw_case(
     k: int,
     stride: int,
@@ -82,9 +87,7 @@ def _dw_case(
     n, c, h, w = shape
 
     def make(g):
-        x = _rand(g, n, c, h, w)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = _rand_input(g, (n, c, h, w), channels_last)
         return {
             "x": x,
             "weight": _rand(g, c, 1, k, k) * 0.4,
@@ -125,9 +128,7 @@ def _se_case(act: str, gate: str, channels_last: bool, shape=(2, 24, 7, 6), sque
     n, c, h, w = shape
 
     def make(g):
-        x = _rand(g, n, c, h, w)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = _rand_input(g, (n, c, h, w), channels_last)
         return {
             "x": x,
             "fc1_weight": _rand(g, squeeze, c, 1, 1) * 0.3,
@@ -156,8 +157,7 @@ def _se_case(act: str, gate: str, channels_last: bool, shape=(2, 24, 7, 6), sque
 
 def _shuffle_case(groups: int, channels_last: bool, shape=(2, 24, 5, 7)) -> Case:
     def make(g):
-        x = _rand(g, *shape)
-        return {"x": x.contiguous(memory_format=torch.channels_last) if channels_last else x}
+        return {"x": _rand_input(g, shape, channels_last)}
 
     def run(t):
         from fastdw.ops import channel_shuffle
@@ -169,9 +169,7 @@ def _shuffle_case(groups: int, channels_last: bool, shape=(2, 24, 5, 7)) -> Case
 
 def _concat_shuffle_case(channels_last: bool, shape=(2, 16, 5, 7)) -> Case:
     def make(g):
-        x = _rand(g, shape[0], 2 * shape[1], *shape[2:])
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = _rand_input(g, (shape[0], 2 * shape[1], *shape[2:]), channels_last)
         return {"x": x, "b": _rand(g, *shape)}
 
     def run(t):
