@@ -45,8 +45,9 @@ def test_selftest_reports_a_raising_kernel(monkeypatch, capsys):
     assert "RuntimeError: kernel exploded" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not fastdw.backends()["triton"], reason="triton unusable here (no CUDA, no TRITON_INTERPRET=1)")
+@pytest.mark.skipif(not fastdw.backends()["triton"], reason="triton unusable (no CUDA, no TRITON_INTERPRET=1)")
 def test_selftest_runs_the_triton_kernels(capsys):
-    assert selftest.main(["--backends", "triton", "--dtypes", "float64", "--ops", "se_scale", "concat_shuffle"]) == 0
+    args = ["--backends", "triton", "--dtypes", "float64", "--ops", "se_scale", "concat_shuffle"]
+    assert selftest.main(args) == 0
     out = capsys.readouterr().out
     assert out.count(" triton ") >= 6 and "FAIL" not in out
