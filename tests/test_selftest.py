@@ -45,7 +45,7 @@ def test_selftest_reports_a_raising_kernel(monkeypatch, capsys):
     assert "RuntimeError: kernel exploded" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not fastdw.backends()["triton"], reason="triton unusable (no CUDA, no TRITON_INTERPRET=1)")
+@pytest.mark.skipif(not fastdw.backends()["triton"], reason="triton unusable: no CUDA, no TRITON_INTERPRET")
 def test_selftest_runs_the_triton_kernels(capsys):
     args = ["--backends", "triton", "--dtypes", "float64", "--ops", "se_scale", "concat_shuffle"]
     assert selftest.main(args) == 0
