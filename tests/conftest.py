@@ -62,6 +62,16 @@ def _seed_and_backend(request):
     fastdw.set_backend(previous)
 
 
+@pytest.fixture(params=["cpu", "reference"])
+def backend(request):
+    """Runs the test on the C++ CPU kernels and on the reference (a module may override this
+    fixture, as the triton test modules do, to run the same tests on another backend)."""
+    if request.param == "cpu" and not fastdw.backends()["cpu"]:
+        pytest.skip("fastdw._C not built")
+    with fastdw.use_backend(request.param):
+        yield request.param
+
+
 @pytest.fixture(params=SUPPORTED_CAPABILITIES or [None])
 def cpu_capability(request):
     """Runs the test once per instruction set this CPU supports; restores the original one after."""

@@ -11,7 +11,6 @@ from conftest import requires_ext
 from torch import nn
 
 import fastdw
-from fastdw import _backend
 
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
@@ -43,14 +42,6 @@ def _x(shape, fmt="nchw", dtype=torch.float32, seed=0):
 
 def _is_cl(t: torch.Tensor) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
-@pytest.fixture(params=["cpu", "reference"])
-def backend(request):
-    if request.param == "cpu" and not _backend.extension_loaded():
-        pytest.skip("fastdw._C not built")
-    with fastdw.use_backend(request.param):
-        yield request.param
 
 
 # --- channel_shuffle -----------------------------------------------------------------------------

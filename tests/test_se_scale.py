@@ -11,7 +11,6 @@ from conftest import requires_ext
 from torch import nn
 
 import fastdw
-from fastdw import _backend
 from fastdw import reference as ref
 
 timm_blocks = pytest.importorskip("timm.models._efficientnet_blocks")
@@ -83,14 +82,6 @@ def _assert_same(fused: nn.Module, orig: nn.Module, x: torch.Tensor) -> None:
         torch.testing.assert_close(gp1[k], gp0[k], **tol, msg=lambda m, k=k: f"grad of {k}: {m}")
     cl = torch.channels_last
     assert y1.is_contiguous(memory_format=cl) == x.is_contiguous(memory_format=cl)
-
-
-@pytest.fixture(params=["cpu", "reference"])
-def backend(request):
-    if request.param == "cpu" and not _backend.extension_loaded():
-        pytest.skip("fastdw._C not built")
-    with fastdw.use_backend(request.param):
-        yield request.param
 
 
 # --- against torchvision and timm ----------------------------------------------------------------
