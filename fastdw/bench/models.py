@@ -107,6 +107,32 @@ def check(engine: str, what: str, got: object, ref: torch.Tensor, tol: float, ro
     return f"mismatch: error {err:.1e}"
 
 
+def build_and_run(engine: str, build: Callable[[], Callable], row: Row) -> tuple[Callable, object] | None:
+    """``fn = build()`` and one ``fn()``: (fn, output), or None with the engine's status in ``row``
+    ("skipped: ..." or, for an engine other than fastdw's, "error: ..."). A fastdw engine's
+    failure propagates: it must never be hidden as a status."""
+    try:
+        fn = build()
+        return fn, fn()
+    except Skipped as e:
+        row.status[engine] = f"skipped: {e}"
+    except Exception as e:
+        if engine in FASTDW_ENGINES:
+            raise
+        row.status[engine] = f"error: {engines._short(e)}"
+    return None
+
+
+def keep_if_close(engine: str, what: str, fn: Callable, out: object, ref: torch.Tensor, row: Row,
+                  fns: dict[str, Callable]) -> None:
+    """Times ``fn`` (adds it to ``fns``) if its output agrees with ``ref``; see ``check``."""
+    status = check(engine, what, out, ref, TOLERANCE["fastdw" if engine in FASTDW_ENGINES else "other"], row)
+    if status is None:
+        fns[engine] = fn
+    else:
+        row.status[engine] = status
+
+
 def _inference_builders(name: str, ref_model: nn.Module, settings: Settings,
                         onnx_cache: engines.OnnxCache) -> dict[str, Callable]:
     def onnx_path(x):
@@ -151,24 +177,11 @@ def bench_inference(name: str, batch: int, settings: Settings, reps: int, resolu
         ref = model(x)
         for engine, build in _inference_builders(name, model, settings, onnx_cache).items():
             t0 = time.perf_counter()
-            try:
-                fn = build(model, x, settings)
-                out = fn()
-                setup[engine] = round(time.perf_counter() - t0, 2)
-            except Skipped as e:
-                row.status[engine] = f"skipped: {e}"
+            built = build_and_run(engine, lambda build=build: build(model, x, settings), row)
+            if built is None:
                 continue
-            except Exception as e:
-                if engine in FASTDW_ENGINES:
-                    raise
-                row.status[engine] = f"error: {engines._short(e)}"
-                continue
-            tol = TOLERANCE["fastdw" if engine in FASTDW_ENGINES else "other"]
-            status = check(engine, f"{name} batch {batch}", out, ref, tol, row)
-            if status is None:
-                fns[engine] = fn
-            else:
-                row.status[engine] = status
+            setup[engine] = round(time.perf_counter() - t0, 2)
+            keep_if_close(engine, f"{name} batch {batch}", *built, ref, row, fns)
         row.ms = timing.interleaved(fns, reps=reps, warmup=3, spread=row.spread())
     if name in onnx_cache.exporter:
         row.extra["onnx_exporter"] = onnx_cache.exporter[name]

@@ -22,7 +22,7 @@ from torch import nn
 import fastdw
 from fastdw.bench import engines, timing
 from fastdw.bench.engines import Settings, Skipped
-from fastdw.bench.models import TOLERANCE, TRAIN_TOLERANCE, Mismatch, check
+from fastdw.bench.models import TRAIN_TOLERANCE, Mismatch, build_and_run, check, keep_if_close
 from fastdw.bench.report import FASTDW_ENGINES, Row
 
 OPS = ("dwconv", "se", "shuffle")
@@ -191,26 +191,14 @@ def bench_inference(case: OpCase, n: int, settings: Settings, reps: int) -> Row:
             if engine not in builders:
                 row.status[engine] = "n/a"
                 continue
-            try:
-                fn = builders[engine]()
-                out = fn()
-            except Skipped as e:
-                row.status[engine] = f"skipped: {e}"
+            built = build_and_run(engine, builders[engine], row)
+            if built is None:
                 continue
-            except Exception as e:
-                if engine in FASTDW_ENGINES:
-                    raise
-                row.status[engine] = f"error: {engines._short(e)}"
-                continue
+            fn, out = built
             if engine.startswith("fastdw") and out.is_contiguous(memory_format=torch.channels_last) != (
                     engine.endswith("_cl")) and out.dim() == 4 and out.shape[1] > 1:
                 raise Mismatch(f"{engine} on {case}: output memory format differs from the input's")
-            tol = TOLERANCE["fastdw" if engine in FASTDW_ENGINES else "other"]
-            status = check(engine, " ".join(map(str, case.key(n).values())), out, ref, tol, row)
-            if status is None:
-                fns[engine] = fn
-            else:
-                row.status[engine] = status
+            keep_if_close(engine, " ".join(map(str, case.key(n).values())), fn, out, ref, row, fns)
         row.ms = timing.interleaved(fns, reps=reps, min_time=0.002, spread=row.spread())
     return row
 
