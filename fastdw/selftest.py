@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdw.ops._layout import is_channels_last
+
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 DTYPE_NAMES = {
     "float64": torch.float64,
@@ -208,15 +210,7 @@ def _to(t: dict, device: str, dtype: torch.dtype, grad: bool) -> dict:
     out = {}
     for k, v in t.items():
         if isinstance(v, torch.Tensor):
-            fmt = (
-                torch.channels_last
-                if (
-                    v.dim() == 4
-                    and v.is_contiguous(memory_format=torch.channels_last)
-                    and not v.is_contiguous()
-                )
-                else torch.contiguous_format
-            )
+            fmt = torch.channels_last if is_channels_last(v) and v.dim() == 4 else torch.contiguous_format
             v = v.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
             if grad and k not in ("running_mean", "running_var"):
                 v.requires_grad_(True)
@@ -224,16 +218,14 @@ def _to(t: dict, device: str, dtype: torch.dtype, grad: bool) -> dict:
     return out
 
 
-def _forward_backward(case: Case, t: dict, seed_grad: torch.Tensor | None) -> tuple[dict, dict]:
-    res = case.run(t)
+def _with_grads(res: dict, t: dict, seed_grad: torch.Tensor) -> tuple[dict, dict]:
+    """The op's results ``res`` (detached) and the gradients, for the output gradient
+    ``seed_grad``, of every input in ``t`` that requires one."""
     out = res["out"]
-    grads = {}
-    if seed_grad is not None:
-        leaves = {k: v for k, v in t.items() if isinstance(v, torch.Tensor) and v.requires_grad}
-        got = torch.autograd.grad(
-            out, list(leaves.values()), seed_grad.to(out.device, out.dtype), allow_unused=True
-        )
-        grads = {f"grad_{k}": g for k, g in zip(leaves, got, strict=True) if g is not None}
+    leaves = {k: v for k, v in t.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+    seed_grad = seed_grad.to(out.device, out.dtype)
+    got = torch.autograd.grad(out, list(leaves.values()), seed_grad, allow_unused=True)
+    grads = {f"grad_{k}": g for k, g in zip(leaves, got, strict=True) if g is not None}
     return {k: v.detach() for k, v in res.items()}, grads
 
 
@@ -253,8 +245,8 @@ def _error(got: torch.Tensor, want: torch.Tensor) -> float:
 def _layout_ok(got: torch.Tensor, like: torch.Tensor) -> bool:
     if got.dim() != 4 or got.shape[1] == 1 or got.shape[2] * got.shape[3] == 1:
         return True
-    cl = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
-    return got.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    fmt = torch.channels_last if is_channels_last(like) else torch.contiguous_format
+    return got.is_contiguous(memory_format=fmt)
 
 
 def _sync(device: str) -> None:
@@ -272,12 +264,12 @@ def run_case(case: Case, device: str, backend: str, dtype: torch.dtype, seed: in
     try:
         with fastdw.use_backend("reference"):
             ref_t = _to(base, "cpu", torch.float64, grad=True)
-            ref_out, _ = _forward_backward(case, ref_t, None)
-            seed_grad = torch.randn(ref_out["out"].shape, generator=g, dtype=torch.float64)
-            want, want_g = _forward_backward(case, _to(base, "cpu", torch.float64, grad=True), seed_grad)
+            ref = case.run(ref_t)
+            seed_grad = torch.randn(ref["out"].shape, generator=g, dtype=torch.float64)
+            want, want_g = _with_grads(ref, ref_t, seed_grad)
         with fastdw.use_backend(backend):
             t = _to(base, device, dtype, grad=True)
-            got, got_g = _forward_backward(case, t, seed_grad)
+            got, got_g = _with_grads(case.run(t), t, seed_grad)
             if not _layout_ok(got["out"], t["x"]):
                 raise AssertionError("output does not keep the input's memory format")
             # Time one eval-style forward (no autograd), after a warm-up call.
