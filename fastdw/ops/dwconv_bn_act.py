@@ -21,7 +21,7 @@ import torch
 
 from fastdw import _backend, _validate
 from fastdw import reference as _ref
-from fastdw.ops import _dispatch
+from fastdw.ops import _dispatch, _layout
 
 
 def dwconv_bn_act(
@@ -137,12 +137,6 @@ def _out_shape(x, weight, stride, padding, dilation):
     return (x.shape[0], x.shape[1], ho, wo)
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
-    # Must agree with is_channels_last() in csrc/cpu/dwconv_bn_act.cpp (the fake kernel's strides
-    # are compared with the real ones by opcheck).
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
 def _same_device(*tensors) -> None:
     # The fake kernel also runs when one argument is on the meta device and the others are real
     # (the dispatcher picks it for the whole call): refuse mixed devices there too.
@@ -155,7 +149,7 @@ def _same_device(*tensors) -> None:
 def _fake_forward(x, weight, bias, bn_weight, bn_bias, mean, var, training, eps, stride, padding,
                   dilation, activation, shuffle_groups=1):
     _same_device(x, weight, bias, bn_weight, bn_bias, mean, var)
-    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    fmt = torch.channels_last if _layout.is_channels_last(x) else torch.contiguous_format
     out = x.new_empty(_out_shape(x, weight, stride, padding, dilation)).contiguous(memory_format=fmt)
     stat_dtype = x.dtype
     n = x.shape[1] if training else 0
@@ -165,7 +159,7 @@ def _fake_forward(x, weight, bias, bn_weight, bn_bias, mean, var, training, eps,
 def _fake_backward(grad_out, x, weight, bias, bn_weight, bn_bias, mean, var, training, eps, stride,
                    padding, dilation, activation, output_mask, shuffle_groups=1):
     _same_device(grad_out, x, weight, bias, bn_weight, bn_bias, mean, var)
-    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    fmt = torch.channels_last if _layout.is_channels_last(x) else torch.contiguous_format
 
     def maybe(flag, t, shape):
         return t.new_empty(shape) if (flag and t is not None) else x.new_empty((0,))

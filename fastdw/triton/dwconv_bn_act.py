@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdw.ops import _layout
 from fastdw.triton._common import (
     ACT_CODES,
     acc_dtype,
@@ -228,10 +229,6 @@ def _dw_input_grad_kernel(gz_ptr, w_ptr, gx_ptr, C, W, Ho, Wo, P, szn, szc, szh,
 # ---- host side ----------------------------------------------------------------------------------------
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
 def _geometry(x, weight, stride, padding, dilation):
     kh, kw = weight.shape[2], weight.shape[3]
     ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -272,7 +269,7 @@ def triton_dwconv_bn_act(
     n, c, h, w = x.shape
     kh, kw = weight.shape[2], weight.shape[3]
     ho, wo = _geometry(x, weight, stride, padding, dilation)
-    cl = _is_channels_last(x)
+    cl = _layout.is_channels_last(x)
     out = torch.empty((n, c, ho, wo), device=x.device, dtype=x.dtype,
                       memory_format=torch.channels_last if cl else torch.contiguous_format)
     save_mean = x.new_zeros((c if training else 0,))  # training, N = 0: zeros (the wrapper skips them)
@@ -325,7 +322,7 @@ def triton_dwconv_bn_act_backward(
     n, c, h, w = x.shape
     kh, kw = weight.shape[2], weight.shape[3]
     ho, wo = _geometry(x, weight, stride, padding, dilation)
-    cl = _is_channels_last(x)
+    cl = _layout.is_channels_last(x)
     fmt = torch.channels_last if cl else torch.contiguous_format
     acc = acc_dtype(x.dtype)
     dev = x.device
