@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close, assert_same_memory_format
+from conftest import assert_close, assert_same_memory_format, requires_ext
 from torch import nn
 
 import fastdw
@@ -362,3 +362,67 @@ def test_module_on_reference_backend_matches_cpu():
     assert_close(out, expected)
     for (k, a), (_, b) in zip(ours.named_buffers(), other.named_buffers(), strict=True):
         assert_close(a, b, what=k)
+
+
+# ---- eval mode on the compiled backend: the module's arguments go straight to the C++ op ---------
+
+
+def _eval_module(c=24, k=3, stride=1, act="hardswish", bias=False, groups=None, dtype=torch.float64):
+    torch.manual_seed(0)
+    m = DWConvBNAct(c, k, stride, activation=act, bias=bias, input_shuffle_groups=groups).to(dtype)
+    with torch.no_grad():
+        m[1].running_mean.uniform_(-0.5, 0.5)
+        m[1].running_var.uniform_(0.5, 2.0)
+        m[1].weight.uniform_(0.5, 1.5)
+        m[1].bias.uniform_(-0.5, 0.5)
+    return m.eval()
+
+
+@requires_ext
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("k, stride, bias, groups",
+                         [(3, 1, False, None), (5, 2, True, None), (3, 1, False, 4)])
+def test_eval_skips_python_checks_and_equals_general_path(monkeypatch, channels_last, k, stride, bias,
+                                                          groups):
+    """Eval on the cpu backend calls the C++ op directly (ops.dwconv_bn_act, with its Python checks,
+    is not called) and gives exactly what the general path and the reference give."""
+    m = _eval_module(k=k, stride=stride, bias=bias, groups=groups)
+    x = torch.randn(2, 24, 13, 11, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with fastdw.use_backend("reference"):
+        expected = m(x)
+    calls = []
+    real = fastdw.ops.dwconv_bn_act
+    monkeypatch.setattr(fastdw.ops, "dwconv_bn_act", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got = m(x)
+        assert_close(got, expected)
+        assert_same_memory_format(got, x)
+    assert calls == []
+    m.train()
+    m(x)
+    assert calls == [1]
+
+
+@requires_ext
+def test_eval_bad_input_still_gets_the_named_python_error():
+    m = _eval_module()
+    with pytest.raises(ValueError, match="input must be 4-D"):
+        m(torch.randn(24, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"weight must have shape \[C, 1, kh, kw\] with C = 12"):
+        m(torch.randn(1, 12, 8, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="weight has dtype torch.float64 but the input has dtype "):
+        m(torch.randn(1, 24, 8, 8))
+    unpadded = DWConvBNAct(24, 5, padding=0).double().eval()
+    with pytest.raises(ValueError, match="too small"):
+        unpadded(torch.randn(1, 24, 3, 3, dtype=torch.float64))
+    m[1].eps = 0.0
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        m(torch.randn(1, 24, 8, 8, dtype=torch.float64))
+    m[1].eps = 1e-5
+    bad = _eval_module()
+    bad[1].running_var = torch.ones(7, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"running_var must have shape \[24\]"):
+        bad(torch.randn(1, 24, 8, 8, dtype=torch.float64))

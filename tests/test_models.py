@@ -154,8 +154,13 @@ def test_forward_backward_train_and_eval(name):
         assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}: no/bad gradient for {k}"
     calibrate(model, (2, 3, size, size))
     with torch.no_grad():
+        model.cpu_channels_last = False  # NCHW all the way through (the default converts at the stem)
         expected = flat_outputs(model(x))
+        del model.cpu_channels_last
         got_cl = flat_outputs(model(x.contiguous(memory_format=torch.channels_last)))
+        got_default = flat_outputs(model(x))
+    for a, b in zip(expected, got_default, strict=True):
+        assert_outputs_close(b, a, 1e-4, what=f"{name} NCHW input, computed channels_last")
     model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     xcl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     out_cl = flat_outputs(model_cl(xcl))
@@ -169,6 +174,52 @@ def test_forward_backward_train_and_eval(name):
     model_cl.train()
     flat = [t.sum() for t in flat_outputs(model_cl(xcl.detach()))]
     assert all(torch.isfinite(t) for t in flat)
+
+
+def _first_conv_input_layouts(model: nn.Module, x: torch.Tensor) -> list[bool]:
+    """Whether the first conv (or fused conv block, whose children's hooks do not fire) saw a
+    channels_last input, over one forward (a hook records it)."""
+    seen: list[bool] = []
+    conv = next(m for m in model.modules() if isinstance(m, (nn.Conv2d, fastdw.nn.FusedSequential)))
+    handle = conv.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)
+                                    and not args[0].is_contiguous()))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "shufflenet_v2_x0_5", "squeezenet1_1"])
+def test_float32_cpu_input_runs_channels_last(name):
+    """A float32 NCHW CPU input is computed channels_last from the stem on (the faster layout on CPU)
+    unless ``cpu_channels_last = False``; float64 stays as given. Outputs and the input gradient
+    (in the input's layout) agree with the NCHW computation."""
+    factory, kwargs, size = ALL[name]
+    torch.manual_seed(0)
+    model = factory(**kwargs)
+    calibrate(model, (2, 3, size, size))
+    x = rand_input((2, 3, size, size), torch.float32, False)
+    assert _first_conv_input_layouts(model, x) == [True]
+    assert _first_conv_input_layouts(model.double(), x.double()) == [False]
+    model.float()
+    nchw = copy.deepcopy(model)
+    nchw.cpu_channels_last = False
+    assert _first_conv_input_layouts(nchw, x) == [False]
+    for m in (model, nchw):  # eval with autograd: the gradient is well conditioned (running statistics)
+        m.eval()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss_of(model(xa)).backward()
+    loss_of(nchw(xb)).backward()
+    assert xa.grad.shape == x.shape
+    assert_outputs_close(xa.grad, xb.grad, 1e-4, what=f"{name} input gradient")
+    with torch.no_grad():
+        assert_outputs_close(model(x), nchw(x), 1e-4, what=f"{name} eval")
+    model.train()  # training (batch statistics) runs and reaches the input
+    xa.grad = None
+    loss_of(model(xa)).backward()
+    assert xa.grad.shape == x.shape and torch.isfinite(xa.grad).all()
 
 
 REFERENCE_CASES = {

@@ -45,20 +45,34 @@ std::vector<double> as_doubles(const std::optional<at::Tensor>& t, int64_t n, do
   return as_doubles(*t, n);
 }
 
-// Weights in the kernel's layout: [C][taps] (NCHW) or [taps][C] (NHWC), each scaled by scale[c].
+// Weights in the kernel's layout: [C][taps] (NCHW) or [taps][C] (NHWC), each scaled by scale[c]
+// (in double, rounded once). Read straight from the weight's memory: no double copy of it.
 template <typename T>
 std::vector<T> weights(const ConvShape& s, const at::Tensor& w, const std::vector<double>& scale) {
-  const std::vector<double> wd = as_doubles(w.contiguous().view({-1}), s.C * s.taps());
-  const double* p = wd.data();
-  std::vector<T> out(s.C * s.taps());
-  for (int64_t c = 0; c < s.C; ++c)
-    for (int64_t t = 0; t < s.taps(); ++t)
-      out[s.cl ? t * s.C + c : c * s.taps() + t] = static_cast<T>(p[c * s.taps() + t] * scale[c]);
+  const int64_t C = s.C, taps = s.taps();
+  std::vector<T> out(C * taps);
+  auto fill = [&](const auto* p) {
+    if (s.cl) {
+      for (int64_t t = 0; t < taps; ++t) {
+        T* o = out.data() + t * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<T>(static_cast<double>(p[c * taps + t]) * scale[c]);
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t t = 0; t < taps; ++t)
+          out[c * taps + t] = static_cast<T>(static_cast<double>(p[c * taps + t]) * scale[c]);
+    }
+  };
+  const at::Tensor wc = w.contiguous();
+  if (wc.scalar_type() == at::kFloat) fill(wc.const_data_ptr<float>());
+  else if (wc.scalar_type() == at::kDouble) fill(wc.const_data_ptr<double>());
+  else fill(wc.to(at::kDouble).const_data_ptr<double>());
   return out;
 }
 
 // Input channel c of the conv is channel src[c] of x when x is read through channel_shuffle(x, g).
 std::vector<int64_t> shuffle_sources(int64_t C, int64_t g) {
+  if (g == 1) return {};  // read in order: the kernels take no source table then
   std::vector<int64_t> src(C);
   for (int64_t c = 0; c < C; ++c) src[c] = shuffle_src(c, C, g);
   return src;

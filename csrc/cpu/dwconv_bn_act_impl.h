@@ -70,12 +70,13 @@ inline int64_t grain_for(int64_t work_per_task) {
 
 // ---- NHWC core -------------------------------------------------------------------------------
 
-// Calls epi(wo, c, count, acc) with acc = sum over taps of w * x for output row (n, ho).
-// Columns whose taps all fall inside the image are computed four at a time (four independent
-// FMA chains hide the FMA latency; each weight vector load feeds four FMAs); the few edge
-// columns take the general path with per-column tap ranges.
+// Calls epi(wo, c, count, acc) with acc = sum over taps of w * x for output row (n, ho) and the
+// channels [cb, ce). Columns whose taps all fall inside the image are computed several at a time
+// (independent FMA chains hide the FMA latency; each weight vector load feeds several FMAs); the
+// edge columns take the general path with per-column tap ranges, four channel vectors at a time.
 template <typename T, int KWT, typename Epi>
-inline void nhwc_conv_row_t(const ConvShape& s, const T* x, const T* w, int64_t n, int64_t ho, Epi&& epi) {
+inline void nhwc_conv_group_t(const ConvShape& s, const T* x, const T* w, int64_t n, int64_t ho, int64_t cb,
+                              int64_t ce, Epi&& epi) {
   constexpr int64_t VL = V<T>::size();
   const int64_t C = s.C, KW = KWT > 0 ? KWT : s.KW, DW = s.DW, SW = s.SW;
   const int64_t hi0 = ho * s.SH - s.PH;
@@ -87,8 +88,30 @@ inline void nhwc_conv_row_t(const ConvShape& s, const T* x, const T* w, int64_t 
     const int64_t wi0 = wo * SW - s.PW;
     int64_t kw0, kw1;
     tap_range(wi0, DW, KW, s.W, kw0, kw1);
-    for (int64_t c = 0; c < C; c += VL) {
-      const int64_t cnt = std::min(VL, C - c);
+    int64_t c = cb;
+    // Four channel vectors at a time: four independent FMA chains (one chain waits ~4 cycles per
+    // FMA, which made edge columns, most of a 7x7 map under a 5x5 kernel, 3-4x slower per output).
+    for (; c + 4 * VL <= ce; c += 4 * VL) {
+      V<T> a0(0), a1(0), a2(0), a3(0);
+      for (int64_t kh = kh0; kh < kh1; ++kh) {
+        const T* xr = xn + ((hi0 + kh * s.DH) * s.W + wi0) * C + c;
+        const T* wr = w + kh * KW * C + c;
+        for (int64_t kw = kw0; kw < kw1; ++kw) {
+          const T* wp = wr + kw * C;
+          const T* xp = xr + kw * DW * C;
+          a0 = at::vec::fmadd(V<T>::loadu(wp), V<T>::loadu(xp), a0);
+          a1 = at::vec::fmadd(V<T>::loadu(wp + VL), V<T>::loadu(xp + VL), a1);
+          a2 = at::vec::fmadd(V<T>::loadu(wp + 2 * VL), V<T>::loadu(xp + 2 * VL), a2);
+          a3 = at::vec::fmadd(V<T>::loadu(wp + 3 * VL), V<T>::loadu(xp + 3 * VL), a3);
+        }
+      }
+      epi(wo, c, VL, a0);
+      epi(wo, c + VL, VL, a1);
+      epi(wo, c + 2 * VL, VL, a2);
+      epi(wo, c + 3 * VL, VL, a3);
+    }
+    for (; c < ce; c += VL) {
+      const int64_t cnt = std::min(VL, ce - c);
       V<T> acc(0);
       for (int64_t kh = kh0; kh < kh1; ++kh) {
         const T* xr = xn + ((hi0 + kh * s.DH) * s.W + wi0) * C + c;
@@ -108,7 +131,7 @@ inline void nhwc_conv_row_t(const ConvShape& s, const T* x, const T* w, int64_t 
   int64_t wo = wlo;
   auto block = [&](int64_t c, auto full) {
     constexpr bool FULL = decltype(full)::value;
-    const int64_t cnt = FULL ? VL : C - c;
+    const int64_t cnt = FULL ? VL : ce - c;
     auto ld = [&](const T* p) { if constexpr (FULL) return V<T>::loadu(p); else return V<T>::loadu(p, cnt); };
     V<T> a0(0), a1(0), a2(0), a3(0);
     const int64_t step = SW * C;
@@ -137,7 +160,7 @@ inline void nhwc_conv_row_t(const ConvShape& s, const T* x, const T* w, int64_t 
         constexpr int S = decltype(sw)::value, NB = decltype(nb)::value, NX = (NB - 1) * S + KWT;
         auto run = [&](int64_t c, auto full) {
           constexpr bool FULL = decltype(full)::value;
-          const int64_t cnt = FULL ? VL : C - c;
+          const int64_t cnt = FULL ? VL : ce - c;
           auto ld = [&](const T* p) { if constexpr (FULL) return V<T>::loadu(p); else return V<T>::loadu(p, cnt); };
           V<T> acc[NB];
           for (int j = 0; j < NB; ++j) acc[j] = V<T>(0);
@@ -153,9 +176,9 @@ inline void nhwc_conv_row_t(const ConvShape& s, const T* x, const T* w, int64_t 
           for (int j = 0; j < NB; ++j) epi(wo + j, c, cnt, acc[j]);
         };
         for (; wo + NB <= whi; wo += NB) {
-          int64_t c = 0;
-          for (; c + VL <= C; c += VL) run(c, std::true_type{});
-          if (c < C) run(c, std::false_type{});
+          int64_t c = cb;
+          for (; c + VL <= ce; c += VL) run(c, std::true_type{});
+          if (c < ce) run(c, std::false_type{});
         }
       };
       if (SW == 1) fast(std::integral_constant<int, 1>{}, std::integral_constant<int, 8>{});
@@ -163,11 +186,21 @@ inline void nhwc_conv_row_t(const ConvShape& s, const T* x, const T* w, int64_t 
     }
   }
   for (; wo + 4 <= whi; wo += 4) {
-    int64_t c = 0;
-    for (; c + VL <= C; c += VL) block(c, std::true_type{});
-    if (c < C) block(c, std::false_type{});
+    int64_t c = cb;
+    for (; c + VL <= ce; c += VL) block(c, std::true_type{});
+    if (c < ce) block(c, std::false_type{});
   }
   for (; wo < s.Wo; ++wo) edge(wo);
+}
+
+// One output row, 4 channel vectors at a time (64 float channels): the weights and the input
+// columns of a group stay in L1 across the row. Looping over all channels per column instead
+// streamed the whole weight tensor from L2 once per output pixel, which bounded 7x7 / 14x14 maps
+// with hundreds of channels by L2 bandwidth (~4 cycles per FMA).
+template <typename T, int KWT, typename Epi>
+inline void nhwc_conv_row_t(const ConvShape& s, const T* x, const T* w, int64_t n, int64_t ho, Epi&& epi) {
+  constexpr int64_t CB = 4 * V<T>::size();
+  for (int64_t cb = 0; cb < s.C; cb += CB) nhwc_conv_group_t<T, KWT>(s, x, w, n, ho, cb, std::min(s.C, cb + CB), epi);
 }
 
 template <typename T, typename Epi>

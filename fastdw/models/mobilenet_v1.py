@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastdw.models import _layers
 from fastdw.models._layers import Weights, conv_bn_act, dw_bn_act, init_weights, load_weights, make_divisible
 
 # (output channels, stride) of the 13 depthwise separable layers (Table 1 of the paper)
@@ -47,7 +48,7 @@ class MobileNetV1(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x).mean((2, 3))
+        x = self.features(_layers.working_layout(self, x)).mean((2, 3))
         return self.classifier(x)
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdw.models import _layers
 from fastdw.models._layers import Weights, conv_bn_act, dw_bn_act, init_weights, load_weights, make_divisible
 from fastdw.nn import FusedSequential
 
@@ -96,7 +97,7 @@ class MobileNetV2(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
+        x = self.features(_layers.working_layout(self, x))
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.classifier(x)
 

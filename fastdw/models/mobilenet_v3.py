@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from fastdw.models import _layers
 from fastdw.models._layers import Weights, conv_bn_act, dw_bn_act, init_weights, load_weights, make_divisible
 from fastdw.nn import SqueezeExcite
 
@@ -92,7 +93,7 @@ class MobileNetV3(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
+        x = self.features(_layers.working_layout(self, x))
         x = self.avgpool(x).flatten(1)
         return self.classifier(x)
 

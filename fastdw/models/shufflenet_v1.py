@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdw.models import _layers
 from fastdw.models._layers import Weights, conv_bn_act, dw_bn_act, init_weights, load_weights, make_divisible
 from fastdw.nn import ChannelShuffle
 
@@ -81,7 +82,7 @@ class ShuffleNetV1(nn.Module):
         init_weights(self, linear_std=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.conv1(x))
+        x = self.maxpool(self.conv1(_layers.working_layout(self, x)))
         x = self.stage4(self.stage3(self.stage2(x)))
         return self.fc(x.mean((2, 3)))
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fastdw import ops
-from fastdw.models._layers import Weights, load_weights
+from fastdw.models._layers import Weights, load_weights, working_layout
 from fastdw.nn import FusedSequential
 
 
@@ -92,7 +92,7 @@ class ShuffleNetV2(nn.Module):
         self.fc = nn.Linear(last, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.conv1(x))
+        x = self.maxpool(self.conv1(working_layout(self, x)))
         x = self.stage4(self.stage3(self.stage2(x)))
         x = self.conv5(x).mean([2, 3])
         return self.fc(x)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastdw.models._layers import Weights, load_weights
+from fastdw.models._layers import Weights, load_weights, working_layout
 
 
 class Fire(nn.Module):
@@ -89,7 +89,13 @@ class SqueezeNet(nn.Module):
                     nn.init.constant_(m.bias, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
+        given = x
+        x = self.features(working_layout(self, x))
+        if self.training and given.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+                and given.is_contiguous():
+            # The classifier's dropout acts on the 4-D map and draws its mask in memory order: draw it
+            # in the caller's layout, so a seeded step equals torchvision's mask for mask.
+            x = x.contiguous()
         return torch.flatten(self.classifier(x), 1)
 
 

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from fastdw.models._layers import Weights, load_weights
+from fastdw.models._layers import Weights, load_weights, working_layout
 from fastdw.models.mobilenet_v2 import InvertedResidual, MobileNetV2
 from fastdw.nn import FusedSequential
 
@@ -74,6 +74,7 @@ class SSDLite(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores [N, anchors, num_classes], box regressions [N, anchors, 4])``."""
         maps: list[torch.Tensor] = []
+        x = working_layout(self, x)
         for i, block in enumerate(self.base_net):
             if i == SOURCE_BLOCK:
                 x, expanded = block.forward_with_expansion(x)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastdw.models import _layers
 from fastdw.models._layers import Weights, conv_bn_act, dw_bn_act, init_weights, load_weights
 from fastdw.nn import FusedSequential
 
@@ -114,6 +115,7 @@ class Xception(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.features_only:
             return self.forward_features(x)
+        x = _layers.working_layout(self, x)
         for block in (self.stem, self.blocks):
             x = block(x)
         return self.fc(x.mean((2, 3)))
