@@ -113,11 +113,14 @@ class _FoldedConvBN:
         self._key: tuple | None = None
         self._folded: tuple[torch.Tensor, torch.Tensor] | None = None
         self._packed: torch.Tensor | None = None
+        self._pointwise = False
         self._args: tuple = ()
 
     def _tensors(self) -> list[torch.Tensor | None]:
-        bn = self.bn
-        return [self.conv.weight, self.conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        # the modules' dicts directly: nn.Module.__getattr__ costs ~0.4 us per lookup, every call
+        cp, bp, bb = self.conv._parameters, self.bn._parameters, self.bn._buffers
+        return [cp["weight"], cp.get("bias"), bp.get("weight"), bp.get("bias"), bb.get("running_mean"),
+                bb.get("running_var")]
 
     def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
         conv, bn = self.conv, self.bn
@@ -144,7 +147,11 @@ class _FoldedConvBN:
         return self._folded
 
     def _onednn(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-        """conv + bias + activation in one oneDNN op, or None where it does not apply."""
+        """conv + bias + activation in one oneDNN op, or None where it does not apply.
+
+        A 1x1 conv (stride 1, no padding, one group) on a channels_last tensor is a matrix product
+        of the [N*H*W, C_in] view: oneDNN's linear with the same fused activation, ~8 us less
+        fixed cost per call than its conv (measured at 16 -> 32 channels, 4x4, and 160 -> 960, 7x7)."""
         if not (x.dtype == torch.float32 and x.device.type == "cpu" and _onednn_usable()):
             return None
         x = _channels_last_view(x)
@@ -155,13 +162,25 @@ class _FoldedConvBN:
             if not isinstance(conv.padding, tuple):  # "same" / "valid"
                 return None
             self._args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-            w = w.contiguous(memory_format=torch.channels_last)
-            self._packed = torch.ops.mkldnn._reorder_convolution_weight(w, *self._args, list(x.shape))
+            self._pointwise = (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+                               and conv.groups == 1)
+            if self._pointwise:
+                m = x.shape[0] * x.shape[2] * x.shape[3]  # a size hint: any other works too
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(w.reshape(w.shape[0], -1), m)
+            else:
+                w = w.contiguous(memory_format=torch.channels_last)
+                self._packed = torch.ops.mkldnn._reorder_convolution_weight(w, *self._args, list(x.shape))
+        if self._pointwise:
+            n, c, h, wd = x.shape
+            rows = x.permute(0, 2, 3, 1).view(n * h * wd, c)
+            y = torch.ops.mkldnn._linear_pointwise(rows, self._packed, b, *self._attr, "")
+            return y.view(n, h, wd, -1).permute(0, 3, 1, 2)
         return torch.ops.mkldnn._convolution_pointwise(x, self._packed, b, *self._args, *self._attr, "")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self.conv, self.bn
-        if bn.training or bn.running_mean is None or bn.running_var is None:
+        bb = bn._buffers
+        if bn.training or bb.get("running_mean") is None or bb.get("running_var") is None:
             x = bn(conv(x))
             return x if self.act is None else self.act(x)
         grad = torch.is_grad_enabled() and (x.requires_grad or any(
