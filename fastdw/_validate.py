@@ -2,6 +2,10 @@
 
 Errors name the argument. Everything is checked before any kernel runs or any buffer is touched,
 so a failed call never leaves parameters or running statistics half-updated.
+
+The C++ ops check the same things (csrc/common/checks.h). ``DWConvBNAct`` in eval mode and
+``SqueezeExcite`` call them directly on the cpu / cuda backends, without these checks: a call the
+op rejects is repeated through ``fastdw.ops``, so the error raised is still the one from here.
 """
 
 from __future__ import annotations
