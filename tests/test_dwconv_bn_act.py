@@ -346,6 +346,15 @@ def test_float32(case):
     check_case(case, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [False, True])
+def test_small_nchw_planes_through_the_transpose(dtype, training):
+    """NCHW planes of <= 256 positions run on the channels_last kernel, reached by a blocked transpose
+    (64 x 64 tiles, 16 x 16 register blocks): several tiles along C and along H*W, ragged at both
+    edges, forward and backward (input, grad_out and grad_input are transposed)."""
+    check_case(Case((2, 200, 13, 11), 3, training=training, bias=True, activation="hardswish"), dtype)
+
+
 SUBSET_CASES = [
     Case((2, 6, 7, 7), 3, training=True, bias=True),
     Case((2, 6, 7, 7), 5, stride=2, training=False, bias=True, channels_last=True, activation="silu"),

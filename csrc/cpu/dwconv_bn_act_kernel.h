@@ -35,6 +35,9 @@ struct DWKernels {
   void (*backward_input)(const ConvShape&, const T* gz, const T* w, T* gx);
   // grad_weight[c][tap] and grad_bias[c] as double sums over N, Ho, Wo (deterministic order).
   void (*backward_weight)(const ConvShape&, const T* x, const T* gz, double* gw, double* gb);
+  // dst[n][j][i] = src[n][i][j] for n < N, i < R, j < Cols: NCHW <-> NHWC of dense tensors
+  // (R = C, Cols = H*W one way; R = H*W, Cols = C the other).
+  void (*transpose)(const T* src, T* dst, int64_t N, int64_t R, int64_t Cols);
 };
 
 struct DWKernelTable {
