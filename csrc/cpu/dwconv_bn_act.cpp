@@ -125,10 +125,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
   check_dwconv_forward(s, mean, var, training);
   const std::vector<int64_t> src = shuffle_sources(s.C, shuffle_groups);
   const bool nchw_as_nhwc = use_nhwc_for_small_planes(s, shuffle_groups);
+  // eval on dense NCHW small planes: the NHWC kernel over transposed slabs, in one pass
+  const bool slabs = nchw_as_nhwc && !training && x.is_contiguous();
   if (nchw_as_nhwc) s.cl = true;
   const bool has_stats = defined(mean);
   const bool normalises = training || has_stats;
-  const auto fmt = s.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto fmt = s.cl && !slabs ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor xc = shuffle_groups > 1 && s.cl ? shuffled(x, shuffle_groups, fmt) : relayout(x, fmt);
   if (shuffle_groups > 1 && !s.cl) s.chan_src = src.data();
   at::Tensor out = at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(fmt));
@@ -169,9 +171,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
     }
     const std::vector<T> w = weights<T>(s, weight, scale);
     const std::vector<T> bt = cast<T>(fb);
-    k.forward(s, act, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>(), nullptr, nullptr);
+    if (slabs)
+      k.forward_small_nchw(s, act, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>());
+    else
+      k.forward(s, act, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>(), nullptr, nullptr);
   });
-  if (nchw_as_nhwc) out = relayout(out, at::MemoryFormat::Contiguous);
+  if (nchw_as_nhwc && !slabs) out = relayout(out, at::MemoryFormat::Contiguous);
   return {out, save_mean, save_var};
 }
 

@@ -967,10 +967,46 @@ void transpose(const T* src, T* dst, int64_t N, int64_t R, int64_t Cols) {
   });
 }
 
+template <typename T, int A>
+void forward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out) {
+  constexpr int64_t CB = 4 * V<T>::size();
+  const int64_t C = s.C, HW = s.H * s.W, HWo = s.Ho * s.Wo, taps = s.taps(), nb = (C + CB - 1) / CB;
+  if (s.N == 0) return;
+  at::parallel_for(0, s.N * nb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> xin(HW * CB), yout(HWo * CB), wsl(taps * CB);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / nb, c0 = (t % nb) * CB, cb = std::min(CB, C - c0);
+      // planes [cb][HW] -> slab [HW][cb]
+      at::vec::transpose_mxn<T>(x + (n * C + c0) * HW, HW, xin.data(), cb, static_cast<int>(cb),
+                                static_cast<int>(HW));
+      for (int64_t k = 0; k < taps; ++k) std::memcpy(wsl.data() + k * cb, w + k * C + c0, sizeof(T) * cb);
+      ConvShape u = s;
+      u.N = 1;
+      u.C = cb;
+      u.cl = true;
+      u.chan_src = nullptr;
+      for (int64_t ho = 0; ho < s.Ho; ++ho) {
+        T* orow = yout.data() + ho * s.Wo * cb;
+        nhwc_conv_row(u, xin.data(), wsl.data(), 0, ho, [&](int64_t wo, int64_t c, int64_t cnt, V<T> acc) {
+          store(act_fwd<A>(acc + load(b + c0 + c, cnt)), orow + wo * cb + c, cnt);
+        });
+      }
+      // slab [HWo][cb] -> planes [cb][HWo]
+      at::vec::transpose_mxn<T>(yout.data(), cb, out + (n * C + c0) * HWo, HWo, static_cast<int>(HWo),
+                                static_cast<int>(cb));
+    }
+  });
+}
+
+template <typename T>
+void forward_small_nchw(const ConvShape& s, Act a, const T* x, const T* w, const T* b, T* out) {
+  dispatch_act(a, [&](auto A) { forward_small_nchw_impl<T, decltype(A)::value>(s, x, w, b, out); });
+}
+
 template <typename T>
 constexpr DWKernels<T> make_kernels() {
   return DWKernels<T>{&forward<T>, &scale_shift_act<T>, &backward_act<T>, &backward_input<T>,
-                      &backward_weight<T>, &transpose<T>};
+                      &backward_weight<T>, &transpose<T>, &forward_small_nchw<T>};
 }
 
 }  // namespace fastdw::cpu::CPU_CAPABILITY
