@@ -153,9 +153,9 @@ class SqueezeExcite(nn.Module):
         if type(x) is torch.Tensor:
             backend = _backend.resolve(x.device, x.dtype)
             if backend == "cpu" or backend == "cuda":
-                # The C++ op checks every argument; ops.se_scale's Python checks cost ~5 us a call.
-                # Where the op rejects an argument, ops.se_scale runs and raises its named error
-                # (nothing was modified: the op checks before it computes).
+                # The C++ op checks every argument; going through ops.se_scale costs ~8 us more a call
+                # (1x16x4x4: 8.3 vs 16.7 us, 1 thread). Where the op rejects an argument, ops.se_scale
+                # runs and raises its named error (nothing was modified: the op checks first).
                 p1, p2 = fc1._parameters, fc2._parameters
                 args = (x, p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias"), self.activation,
                         self.gate)
