@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastdw import _backend, ops
+from fastdw import ops
 from fastdw._validate import ACTIVATIONS
 from fastdw.ops import _dispatch
 
@@ -112,19 +112,14 @@ class DWConvBNAct(nn.Sequential):
         general path must run: another backend, no running statistics, a string padding, or an
         argument the op rejects (the general path then raises its own, named error; an eval call
         modifies nothing, so running it again is safe)."""
-        backend = _backend.resolve(x.device, x.dtype)
-        if backend != "cpu" and backend != "cuda":
-            return None
         cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
         mean, var, padding, eps = bb.get("running_mean"), bb.get("running_var"), conv.padding, bn.eps
         if mean is None or var is None or type(padding) is not tuple or not (type(eps) is float and eps > 0):
             return None
         args = (x, cp["weight"], cp.get("bias"), bp.get("weight"), bp.get("bias"), mean, var, False, eps,
                 conv.stride, padding, conv.dilation, self.activation, self.input_shuffle_groups or 1)
-        try:
-            return _dispatch.call(torch.ops.fastdw.dwconv_bn_act.default, args, 7)[0]
-        except (ValueError, TypeError, RuntimeError, IndexError):
-            return None
+        out = _dispatch.call_compiled("dwconv_bn_act", args, 7)
+        return None if out is None else out[0]
 
     def extra_repr(self) -> str:
         extra = f", input_shuffle_groups={self.input_shuffle_groups}" if self.input_shuffle_groups else ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastdw import _backend, ops
+from fastdw import ops
 from fastdw._validate import SE_ACTIVATIONS, SE_GATES
 from fastdw.ops import _dispatch
 
@@ -151,18 +151,14 @@ class SqueezeExcite(nn.Module):
         mods = self._modules
         fc1, fc2 = mods[self._fc_names[0]], mods[self._fc_names[1]]
         if type(x) is torch.Tensor:
-            backend = _backend.resolve(x.device, x.dtype)
-            if backend == "cpu" or backend == "cuda":
-                # The C++ op checks every argument; going through ops.se_scale costs ~8 us more a call
-                # (1x16x4x4: 8.3 vs 16.7 us, 1 thread). Where the op rejects an argument, ops.se_scale
-                # runs and raises its named error (nothing was modified: the op checks first).
-                p1, p2 = fc1._parameters, fc2._parameters
-                args = (x, p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias"), self.activation,
-                        self.gate)
-                try:
-                    return _dispatch.call(torch.ops.fastdw.se_scale.default, args, 5)[0]
-                except (ValueError, TypeError, RuntimeError, IndexError):
-                    pass
+            # Straight to the C++ op, which checks every argument: going through ops.se_scale costs
+            # ~8 us more a call (1x16x4x4: 8.3 vs 16.7 us, 1 thread). Where the op rejects an
+            # argument, ops.se_scale runs and raises its named error.
+            p1, p2 = fc1._parameters, fc2._parameters
+            args = (x, p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias"), self.activation, self.gate)
+            out = _dispatch.call_compiled("se_scale", args, 5)
+            if out is not None:
+                return out[0]
         return ops.se_scale(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation=self.activation,
                             gate=self.gate)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from fastdw import _backend
+
 _K = torch._C.DispatchKey
 _CPU = torch._C.DispatchKeySet(_K.CPU)
 # The thread-local "included" key set outside any mode: BackendSelect (+ ADInplaceOrView outside
@@ -55,3 +57,24 @@ def call(op: torch._ops.OpOverload, args: tuple, n_tensors: int):
     if can_skip_autograd(args[:n_tensors]):
         return op.redispatch(_CPU, *args)
     return op(*args)
+
+
+# What a fastdw C++ op raises for an argument it rejects (TORCH_CHECK_VALUE / _TYPE / TORCH_CHECK, index).
+_REJECTED = (ValueError, TypeError, RuntimeError, IndexError)
+
+
+def call_compiled(name: str, args: tuple, n_tensors: int):
+    """``call(torch.ops.fastdw.<name>.default, args, n_tensors)`` for the modules' fast paths, which
+    skip the Python checks of ``fastdw.ops``: the result where the backend for ``args[0]`` is a
+    compiled one (cpu / cuda; only then does the op exist) and the op accepts the arguments, else
+    None. The C++ op checks every argument before it computes,
+    so after a None nothing was modified and the caller runs the checked ``fastdw.ops`` path, which
+    raises its named error."""
+    x = args[0]
+    backend = _backend.resolve(x.device, x.dtype)
+    if backend != "cpu" and backend != "cuda":
+        return None
+    try:
+        return call(getattr(torch.ops.fastdw, name).default, args, n_tensors)
+    except _REJECTED:
+        return None
