@@ -1,14 +1,14 @@
-"""Fixed per-call cost of fastdw's CPU ops at batch 1, and what skipping the autograd layer saves.
+"""Fixed per-call cost of fastdw's CPU ops at batch 1: fastdw's Python and autograd overhead.
 
     python -m bench.call_overhead [--reps 11]
 
-Single thread, thread CPU time (robust on a busy machine), eval, torch.no_grad, medians of
-interleaved repetitions, in microseconds:
+Single thread, thread CPU time (robust on a busy machine), medians of interleaved repetitions, in
+microseconds:
 
-- ``DWConvBNAct`` (channels_last) with the Python autograd layer forced on (``can_skip_autograd``
-  patched to False: what every call cost before ``fastdw.ops._dispatch``) and skipped (default),
-  next to the bare C++ kernel call (``OpOverload.redispatch`` to CPU): the difference between the
-  module and the bare call is fastdw's Python overhead;
+- ``DWConvBNAct`` (channels_last), eval under ``torch.no_grad`` and one training forward (the
+  parameters need gradients, so autograd records the op and the running statistics are updated),
+  each next to the bare C++ kernel call (``OpOverload.redispatch`` to CPU, no autograd, no
+  checks): the difference is fastdw's overhead per call;
 - ``channel_shuffle`` (NCHW, 3 groups): ``F.channel_shuffle``, the bare kernel call, and
   ``fastdw.ops.channel_shuffle``.
 """
@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 import fastdw
-from fastdw.ops import _dispatch
 
 CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 
@@ -44,32 +43,31 @@ def _medians(fns: dict, reps: int, n: int) -> dict[str, float]:
 
 
 def dwconv_rows(reps: int) -> list[str]:
-    real = _dispatch.can_skip_autograd
     op = torch.ops.fastdw.dwconv_bn_act.default
-    rows = ["| layer (channels_last) | with autograd layer | skipped | bare kernel call | saved "
-            "| Python left |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = ["| layer (channels_last) | eval module | eval bare | eval overhead | train forward module "
+            "| train bare | train overhead |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     for c, h in ((16, 4), (960, 7), (144, 56)):
         m = fastdw.nn.DWConvBNAct(c, 3).eval()
+        train = fastdw.nn.DWConvBNAct(c, 3).train()
         conv, bn = m[0], m[1]
         x = torch.randn(1, c, h, h).contiguous(memory_format=torch.channels_last)
-        args = (x, conv.weight, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, bn.eps,
-                [1, 1], [1, 1], [1, 1], "relu6", 1)
+        w, g, b = (t.detach() for t in (conv.weight, bn.weight, bn.bias))
+        eval_args = (x, w, None, g, b, bn.running_mean, bn.running_var, False, bn.eps, [1, 1], [1, 1], [1, 1],
+                     "relu6", 1)
+        train_args = (x, w, None, g, b, None, None, True, bn.eps, [1, 1], [1, 1], [1, 1], "relu6", 1)
 
-        def forced(n, m=m, x=x):
-            _dispatch.can_skip_autograd = lambda tensors: False
-            try:
-                return _us(lambda: m(x), n)
-            finally:
-                _dispatch.can_skip_autograd = real
+        def eval_module(m=m, x=x):
+            with torch.no_grad():
+                m(x)
 
-        forced.takes_n = True
         n = 300 if h < 50 else 40
-        with torch.no_grad():
-            r = _medians({"forced": forced, "skip": lambda m=m, x=x: m(x),
-                          "bare": lambda args=args: op.redispatch(CPU, *args)}, reps, n)
-        rows.append(f"| 1x{c}x{h}x{h} | {r['forced']:.1f} | {r['skip']:.1f} | {r['bare']:.1f} "
-                    f"| {r['forced'] - r['skip']:.1f} | {r['skip'] - r['bare']:.1f} |")
+        r = _medians({"eval": eval_module, "eval_bare": lambda a=eval_args: op.redispatch(CPU, *a),
+                      "train": lambda m=train, x=x: m(x),
+                      "train_bare": lambda a=train_args: op.redispatch(CPU, *a)}, reps, n)
+        rows.append(f"| 1x{c}x{h}x{h} | {r['eval']:.1f} | {r['eval_bare']:.1f} "
+                    f"| {r['eval'] - r['eval_bare']:.1f} "
+                    f"| {r['train']:.1f} | {r['train_bare']:.1f} | {r['train'] - r['train_bare']:.1f} |")
     return rows
 
 
@@ -97,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the compiled extension is not loaded: run `make build` first")
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    print("Per-call cost, 1 thread, thread CPU time, eval, no_grad, medians (us)\n")
+    print("Per-call cost, 1 thread, thread CPU time, medians (us)\n")
     print("\n".join(dwconv_rows(args.reps)))
     print()
     print("\n".join(shuffle_rows(args.reps)))

@@ -62,7 +62,7 @@ def assert_unchanged(args, before):
     for k, v in before.items():
         now = args[k]
         assert torch.equal(now.detach(), v), f"{k} was modified by a failing call"
-        if isinstance(now, torch.Tensor) and now.requires_grad:
+        if isinstance(now, torch.Tensor) and now.requires_grad and now.is_leaf:  # (a view has no .grad)
             assert now.grad is None, f"{k} got a gradient from a failing call"
 
 

@@ -382,10 +382,11 @@ def _eval_module(c=24, k=3, stride=1, act="hardswish", bias=False, groups=None, 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("k, stride, bias, groups",
                          [(3, 1, False, None), (5, 2, True, None), (3, 1, False, 4)])
-def test_eval_skips_python_checks_and_equals_general_path(monkeypatch, channels_last, k, stride, bias,
-                                                          groups):
-    """Eval on the cpu backend calls the C++ op directly (ops.dwconv_bn_act, with its Python checks,
-    is not called) and gives exactly what the general path and the reference give."""
+def test_compiled_path_skips_python_checks_and_equals_general_path(monkeypatch, channels_last, k, stride,
+                                                                   bias, groups):
+    """Eval and training on the cpu backend call the C++ op directly (ops.dwconv_bn_act, with its
+    Python checks, is not called) and give what the general path and the reference give: outputs,
+    gradients and BatchNorm's running statistics."""
     m = _eval_module(k=k, stride=stride, bias=bias, groups=groups)
     x = torch.randn(2, 24, 13, 11, dtype=torch.float64)
     if channels_last:
@@ -401,28 +402,66 @@ def test_eval_skips_python_checks_and_equals_general_path(monkeypatch, channels_
         assert_close(got, expected)
         assert_same_memory_format(got, x)
     assert calls == []
-    m.train()
-    m(x)
-    assert calls == [1]
+    for momentum in (0.1, None):
+        m[1].momentum = momentum
+        m.zero_grad(set_to_none=True)
+        ref = copy.deepcopy(m).train()
+        m.train()
+        for _ in range(2):  # momentum=None: a cumulative average over the steps
+            xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+            got = m(xg)
+            assert calls == []
+            with fastdw.use_backend("reference"):
+                expected = ref(xr)
+            calls.clear()
+            assert_close(got, expected)
+            assert_same_memory_format(got, x)
+            gy = torch.randn_like(got)
+            got.backward(gy)
+            expected.backward(gy)
+            assert_close(xg.grad, xr.grad)
+            for (name, a), (_, b) in zip(m.named_parameters(), ref.named_parameters(), strict=True):
+                assert_close(a.grad, b.grad, what=name)
+            for (name, a), (_, b) in zip(m.named_buffers(), ref.named_buffers(), strict=True):
+                assert_close(a, b, what=name)
+        m.eval()
 
 
-@requires_ext
-def test_eval_bad_input_still_gets_the_named_python_error():
-    m = _eval_module()
+def _raises_named_python_errors(m: nn.Module) -> None:
+    """Bad input through a module (either mode) gets the Python check's message."""
     with pytest.raises(ValueError, match="input must be 4-D"):
         m(torch.randn(24, 8, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"weight must have shape \[C, 1, kh, kw\] with C = 12"):
         m(torch.randn(1, 12, 8, 8, dtype=torch.float64))
     with pytest.raises(TypeError, match="weight has dtype torch.float64 but the input has dtype "):
         m(torch.randn(1, 24, 8, 8))
+    m[1].eps = 0.0
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        m(torch.randn(2, 24, 8, 8, dtype=torch.float64))
+    m[1].eps = 1e-5
+
+
+@requires_ext
+def test_eval_bad_input_still_gets_the_named_python_error():
+    m = _eval_module()
+    _raises_named_python_errors(m)
     unpadded = DWConvBNAct(24, 5, padding=0).double().eval()
     with pytest.raises(ValueError, match="too small"):
         unpadded(torch.randn(1, 24, 3, 3, dtype=torch.float64))
-    m[1].eps = 0.0
-    with pytest.raises(ValueError, match="eps must be a positive number"):
-        m(torch.randn(1, 24, 8, 8, dtype=torch.float64))
-    m[1].eps = 1e-5
     bad = _eval_module()
     bad[1].running_var = torch.ones(7, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"running_var must have shape \[24\]"):
         bad(torch.randn(1, 24, 8, 8, dtype=torch.float64))
+
+
+@requires_ext
+def test_train_bad_input_gets_the_named_python_error_and_changes_nothing():
+    m = _eval_module().train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    _raises_named_python_errors(m)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        m(torch.randn(1, 24, 1, 1, dtype=torch.float64))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a failing call"
+    for p in m.parameters():
+        assert p.grad is None

@@ -8,6 +8,7 @@ from torch import nn
 from fastdw import ops
 from fastdw._validate import ACTIVATIONS
 from fastdw.ops import _dispatch
+from fastdw.ops.dwconv_bn_act import running_factor, update_running_stats
 
 _ACT_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "silu": nn.SiLU}
 
@@ -85,8 +86,8 @@ class DWConvBNAct(nn.Sequential):
         bn = mods.get("1")
         if not isinstance(bn, nn.BatchNorm2d):
             bn = None
-        elif not bn.training and type(x) is torch.Tensor:
-            out = self._eval_compiled(x, conv, bn)
+        elif type(x) is torch.Tensor:
+            out = self._train_compiled(x, conv, bn) if bn.training else self._eval_compiled(x, conv, bn)
             if out is not None:
                 return out
         if bn is None:
@@ -118,8 +119,31 @@ class DWConvBNAct(nn.Sequential):
             return None
         args = (x, cp["weight"], cp.get("bias"), bp.get("weight"), bp.get("bias"), mean, var, False, eps,
                 conv.stride, padding, conv.dilation, self.activation, self.input_shuffle_groups or 1)
-        out = _dispatch.call_compiled("dwconv_bn_act", args, 7)
+        out = _dispatch.call_compiled("dwconv_bn_act", args)
         return None if out is None else out[0]
+
+    def _train_compiled(self, x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor | None:
+        """Training mode on the compiled backend, as ``_eval_compiled``: the C++ op checks the
+        arguments (a rejected call computed nothing and updated nothing), then BatchNorm2d's
+        running-statistics update. Saves the ~10 us of Python checks per training call."""
+        cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
+        padding, eps = conv.padding, bn.eps
+        if type(padding) is not tuple or not (type(eps) is float and eps > 0):
+            return None
+        track = bn.track_running_stats
+        mean, var = (bb.get("running_mean"), bb.get("running_var")) if track else (None, None)
+        args = (x, cp["weight"], cp.get("bias"), bp.get("weight"), bp.get("bias"), mean, var, True, eps,
+                conv.stride, padding, conv.dilation, self.activation, self.input_shuffle_groups or 1)
+        res = _dispatch.call_compiled("dwconv_bn_act", args)
+        if res is None:
+            return None
+        out, batch_mean, batch_var = res
+        if mean is not None:
+            tracked = bb.get("num_batches_tracked")
+            factor = running_factor(bn.momentum, tracked)
+            count = out.shape[0] * out.shape[2] * out.shape[3]
+            update_running_stats(mean, var, tracked, factor, batch_mean, batch_var, count)
+        return out
 
     def extra_repr(self) -> str:
         extra = f", input_shuffle_groups={self.input_shuffle_groups}" if self.input_shuffle_groups else ""

@@ -156,7 +156,7 @@ class SqueezeExcite(nn.Module):
             # argument, ops.se_scale runs and raises its named error.
             p1, p2 = fc1._parameters, fc2._parameters
             args = (x, p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias"), self.activation, self.gate)
-            out = _dispatch.call_compiled("se_scale", args, 5)
+            out = _dispatch.call_compiled("se_scale", args)
             if out is not None:
                 return out[0]
         return ops.se_scale(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation=self.activation,

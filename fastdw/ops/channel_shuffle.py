@@ -29,7 +29,7 @@ import torch
 
 from fastdw import _backend, _validate
 from fastdw import reference as _ref
-from fastdw.ops import _dispatch, _layout
+from fastdw.ops import _layout
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -48,7 +48,7 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
         return _ref.channel_shuffle(x, groups)
     if backend == "triton":
         return torch.ops.fastdw.triton_channel_shuffle.default(x, groups)
-    return _dispatch.call(torch.ops.fastdw.channel_shuffle.default, (x, groups), 1)
+    return torch.ops.fastdw.channel_shuffle.default(x, groups)
 
 
 def concat_shuffle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,7 @@ def concat_shuffle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return _ref.concat_shuffle(a, b)
     if backend == "triton":
         return torch.ops.fastdw.triton_concat_shuffle.default(a, b)
-    return _dispatch.call(torch.ops.fastdw.concat_shuffle.default, (a, b), 2)
+    return torch.ops.fastdw.concat_shuffle.default(a, b)
 
 
 def _check_pair(a, b) -> None:
@@ -150,10 +150,12 @@ def _register(prefix: str = "") -> None:
         return ga, gb
 
     torch.library.register_fake(f"fastdw::{prefix}channel_shuffle")(_fake_shuffle)
-    torch.library.register_autograd(f"fastdw::{prefix}channel_shuffle", shuffle_backward,
-                                    setup_context=_shuffle_setup_context)
     torch.library.register_fake(f"fastdw::{prefix}concat_shuffle")(_fake_concat)
     torch.library.register_fake(f"fastdw::{prefix}concat_shuffle_backward")(_fake_concat_backward)
+    if not prefix:  # the C++ ops' autograd is in C++ (csrc/autograd.cpp)
+        return
+    torch.library.register_autograd(f"fastdw::{prefix}channel_shuffle", shuffle_backward,
+                                    setup_context=_shuffle_setup_context)
     torch.library.register_autograd(f"fastdw::{prefix}concat_shuffle", concat_shuffle_backward,
                                     setup_context=_concat_setup_context)
 

@@ -21,7 +21,7 @@ import torch
 
 from fastdw import _backend, _validate
 from fastdw import reference as _ref
-from fastdw.ops import _dispatch, _layout
+from fastdw.ops import _layout
 
 
 def dwconv_bn_act(
@@ -88,15 +88,10 @@ def dwconv_bn_act(
 
     backend = _backend.resolve(x.device, x.dtype)  # raises before anything is modified
 
-    factor = 0.0
     update = training and running_mean is not None
-    if update:
-        if momentum is None:
-            if num_batches_tracked is None:
-                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-            factor = 1.0 / (float(num_batches_tracked) + 1.0)  # as BatchNorm2d, after its increment
-        else:
-            factor = float(momentum)
+    if update and momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    factor = running_factor(momentum, num_batches_tracked) if update else 0.0
 
     if backend == "reference":
         if groups > 1:
@@ -113,18 +108,38 @@ def dwconv_bn_act(
     if backend == "triton":
         out, mean, var = torch.ops.fastdw.triton_dwconv_bn_act.default(*args)
     else:
-        out, mean, var = _dispatch.call(torch.ops.fastdw.dwconv_bn_act.default, args, 7)
-    if update and num_batches_tracked is not None:
-        with torch.no_grad():
-            num_batches_tracked.add_(1)
-    if training and running_mean is not None:
-        count = x.shape[0] * ho * wo
-        if count > 0:
-            with torch.no_grad():
-                unbiased = var * (count / (count - 1))
-                running_mean.mul_(1.0 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-                running_var.mul_(1.0 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+        out, mean, var = torch.ops.fastdw.dwconv_bn_act.default(*args)
+    if update:
+        update_running_stats(running_mean, running_var, num_batches_tracked, factor, mean, var,
+                             x.shape[0] * ho * wo)
     return out
+
+
+def running_factor(momentum: float | None, num_batches_tracked: torch.Tensor | None) -> float:
+    """The weight of this batch in BatchNorm2d's running statistics: ``momentum``, or with
+    ``momentum=None`` the cumulative average ``1 / (batches so far + 1)`` (read before the increment)."""
+    if momentum is None:
+        return 1.0 / (float(num_batches_tracked) + 1.0)
+    return float(momentum)
+
+
+def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
+                         num_batches_tracked: torch.Tensor | None, factor: float, mean: torch.Tensor,
+                         var: torch.Tensor, count: int) -> None:
+    """BatchNorm2d's update, in place: ``num_batches_tracked += 1``, and the running statistics move
+    by ``factor`` towards the batch mean and the unbiased batch variance (``var`` is the biased
+    variance of ``count`` values per channel). The two statistics are updated by one foreach op per
+    step: 4 small ops instead of 8 (~10 us less per layer at batch 1)."""
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if count > 1:
+            unbiased = var * (count / (count - 1))
+            if mean.dtype != running_mean.dtype:
+                mean, unbiased = mean.to(running_mean.dtype), unbiased.to(running_var.dtype)
+            stats = (running_mean, running_var)
+            torch._foreach_mul_(stats, 1.0 - factor)
+            torch._foreach_add_(stats, (mean, unbiased), alpha=factor)
 
 
 # --- registration with the dispatcher: fake kernels (torch.compile) and autograd -----------------
@@ -208,9 +223,14 @@ def _no_double_backward(ctx, *grads):
 
 
 def _register(prefix: str = "") -> None:
+    """Fake kernels for the op and its backward; for the Triton twins (prefix "triton_") also the
+    autograd. The C++ ops carry their autograd in C++ (csrc/autograd.cpp: the Python layer cost
+    ~45 us per call), with the same saved tensors, gradients and double-backward error as here."""
     forward, backward = f"fastdw::{prefix}dwconv_bn_act", f"fastdw::{prefix}dwconv_bn_act_backward"
     torch.library.register_fake(forward)(_fake_forward)
     torch.library.register_fake(backward)(_fake_backward)
+    if not prefix:
+        return
     torch.library.register_autograd(forward, _make_backward(f"{prefix}dwconv_bn_act_backward"),
                                     setup_context=_setup_context)
     # Without this, a gradient of the gradient would silently be zero.

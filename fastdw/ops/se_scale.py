@@ -30,7 +30,7 @@ import torch
 
 from fastdw import _backend, _validate
 from fastdw import reference as _ref
-from fastdw.ops import _dispatch, _layout
+from fastdw.ops import _layout
 
 
 def se_scale(
@@ -67,7 +67,7 @@ def se_scale(
     if backend == "triton":
         out, _ = torch.ops.fastdw.triton_se_scale.default(*args)
     else:
-        out, _ = _dispatch.call(torch.ops.fastdw.se_scale.default, args, 5)
+        out, _ = torch.ops.fastdw.se_scale.default(*args)
     return out
 
 
@@ -116,6 +116,8 @@ def _make_backward(backward_op: str):
 def _register(prefix: str = "") -> None:
     torch.library.register_fake(f"fastdw::{prefix}se_scale")(_fake_forward)
     torch.library.register_fake(f"fastdw::{prefix}se_scale_backward")(_fake_backward)
+    if not prefix:  # the C++ op's autograd is in C++ (csrc/autograd.cpp)
+        return
     torch.library.register_autograd(f"fastdw::{prefix}se_scale", _make_backward(f"{prefix}se_scale_backward"),
                                     setup_context=_setup_context)
 
