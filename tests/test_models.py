@@ -108,7 +108,7 @@ def test_twin_equals_torchvision_float64(name, channels_last):
                                   "squeezenet1_0"])
 def test_twin_equals_torchvision_float32(name):
     """float32, both memory formats: eval outputs agree with torchvision's; the training step is judged
-    against torchvision in float64 (torchvision's own float32 gradients are up to ~1e-2 off it, from
+    against torchvision in float64 (torchvision's own float32 gradients are up to ~3e-2 off it, from
     BatchNorm over few values, so comparing two float32 runs would only measure that)."""
     ours, theirs = twin_pair(name, torch.float32)
     truth = copy.deepcopy(theirs).double()
@@ -118,8 +118,11 @@ def test_twin_equals_torchvision_float32(name):
         x = rand_input((2, 3, 80, 80), torch.float32, channels_last)
         with torch.no_grad():
             assert_outputs_close(ours(x), theirs(x), TOL[torch.float32], what=f"{name} eval")
-        # 1e-2: the bound torchvision's own float32 step meets against float64 (see docstring).
-        assert_same_training_step(ours, truth, x.double(), 1e-2, what=name, norm=True)
+        # 3e-2: the bound torchvision's own float32 step meets against float64 (see docstring). With
+        # model seeds 0-5, torchvision needed 5e-3 to 3e-2 (seed 5: 3e-2 with NCHW input) and fastdw
+        # the same; 1e-2 sat on the noise (a 1e-7 change in one layer's batch statistics moved a
+        # BatchNorm bias gradient from below 1e-2 to 1.3e-2).
+        assert_same_training_step(ours, truth, x.double(), 3e-2, what=name, norm=True)
 
 
 def test_torchvision_state_dict_loads_both_ways(tmp_path):
