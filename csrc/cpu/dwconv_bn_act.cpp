@@ -7,9 +7,9 @@
 // Forward, training: pass 1 writes z = conv(x) + b and reduces per-channel statistics in its
 // epilogue; pass 2 normalises and activates in place (the output is smaller than the input, so
 // this is cheaper than recomputing the conv).
-// Backward: recomputes z from x (nothing but x and per-channel vectors is saved), applies the
-// activation derivative, reduces the BN parameter gradients, then the conv input and weight
-// gradients.
+// Backward: recomputes z from x once (nothing but x and per-channel vectors is saved), applies the
+// activation derivative, reduces the BN parameter gradients (in training, z waits in the buffer of
+// the conv-output gradient gz until they are known), then the conv input and weight gradients.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -240,11 +240,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     const T* gop = go.const_data_ptr<T>();
     if (!training) {
       // One pass: BN parameter sums and gz = k1 * g together.
-      k.backward_act(s, act, xp, w.data(), p, gop, gzp, sum_gy.data(), sum_gyx.data());
+      k.backward_act(s, act, xp, w.data(), p, gop, gzp, sum_gy.data(), sum_gyx.data(), false);
     } else {
-      // Pass 1: the sums; pass 2: gz = k1 * (g - mean(g) - xhat * mean(g * xhat)). The conv is
-      // recomputed twice rather than storing xhat: cheaper than writing and re-reading it.
-      k.backward_act(s, act, xp, w.data(), p, gop, nullptr, sum_gy.data(), sum_gyx.data());
+      // Pass 1: the sums, and the recomputed conv output z kept in gz's buffer; pass 2 (elementwise,
+      // in place): gz = k1 * (g - mean(g) - xhat * mean(g * xhat)) from z, not a second conv.
+      k.backward_act(s, act, xp, w.data(), p, gop, gzp, sum_gy.data(), sum_gyx.data(), need_gz);
       if (need_gz) {
         const double M = double(s.N * s.Ho * s.Wo);
         for (int64_t c = 0; c < s.C; ++c) {
@@ -252,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
           k2t[c] = static_cast<T>(bn[c].k2);
           k3t[c] = static_cast<T>(bn[c].k3);
         }
-        k.backward_act(s, act, xp, w.data(), p, gop, gzp, nullptr, nullptr);
+        k.gz_from_z(s, act, p, gop, gzp);
       }
     }
     if (mask[0]) k.backward_input(s, gz.const_data_ptr<T>(), w.data(), gx.mutable_data_ptr<T>());

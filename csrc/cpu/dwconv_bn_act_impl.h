@@ -622,13 +622,45 @@ void scale_shift_act(const ConvShape& s, Act a, T* out, const T* scale, const T*
 
 // ---- backward: recompute, activation, BN backward --------------------------------------------
 
+// xhat = (z + a0) * a1, y = xhat * gamma + beta, g = grad_out * act'(y) for one NHWC row of W pixels
+// whose bias-free conv output is z. out (nullable): k1 * g + k2 * xhat + k3 (may alias z: each
+// element is read before it is written). s1 / s2 (nullable): the row's per-channel sums of g and
+// g * xhat. Channel vector by channel vector, with that vector's seven coefficients and the sums in
+// registers (in the conv's epilogue they cost ~12 loads and stores per vector).
+template <typename T, int A>
+inline void bn_act_grad_row(const T* z, const T* go, T* out, int64_t W, int64_t C, const BwdParams<T>& p, T* s1,
+                            T* s2) {
+  constexpr int64_t VL = V<T>::size();
+  for (int64_t c = 0; c < C; c += VL) {
+    const int64_t cnt = std::min(VL, C - c);
+    const V<T> a0 = load(p.a0 + c, cnt), a1 = load(p.a1 + c, cnt), ga = load(p.gamma + c, cnt),
+               be = load(p.beta + c, cnt), k1 = load(p.k1 + c, cnt), k2 = load(p.k2 + c, cnt),
+               k3 = load(p.k3 + c, cnt);
+    V<T> v1(0), v2(0);
+    for (int64_t wo = 0; wo < W; ++wo) {
+      const int64_t i = wo * C + c;
+      const V<T> xh = (load(z + i, cnt) + a0) * a1;  // subtract first: exact near the mean
+      const V<T> g = act_bwd<A>(load(go + i, cnt), at::vec::fmadd(xh, ga, be));
+      if (out) store(at::vec::fmadd(k1, g, at::vec::fmadd(k2, xh, k3)), out + i, cnt);
+      if (s1) {
+        v1 = v1 + g;  // lanes past cnt stay 0: their loads are zero-filled
+        v2 = at::vec::fmadd(g, xh, v2);
+      }
+    }
+    if (s1) {
+      store(v1, s1 + c, cnt);
+      store(v2, s2 + c, cnt);
+    }
+  }
+}
+
 // One pass per call: recompute z = conv(x, w) (no bias: it is inside p.a0), xhat = (z + a0) * a1,
 // y = xhat * gamma + beta, g = grad_out * act'(y). If sums: accumulate sum(g) and sum(g * xhat)
-// per channel. If out: store k1 * g + k2 * xhat + k3 (the conv-output gradient; in eval k2 = k3 = 0).
+// per channel. If out: store k1 * g + k2 * xhat + k3 (the conv-output gradient; in eval k2 = k3 =
+// 0), or with store_z the conv output z itself, for gz_from_z to finish without a second conv.
 template <typename T, int A>
 void backward_act_impl(const ConvShape& s, const T* x, const T* w, const BwdParams<T>& p, const T* go, T* out,
-                       double* sum_gy, double* sum_gyx) {
-  constexpr int64_t VL = V<T>::size();
+                       double* sum_gy, double* sum_gyx, bool store_z) {
   const int64_t C = s.C;
   const bool sums = sum_gy != nullptr;
   if (sums) {
@@ -640,38 +672,17 @@ void backward_act_impl(const ConvShape& s, const T* x, const T* w, const BwdPara
     const int nt = at::get_num_threads();
     std::vector<double> t1(sums ? nt * C : 0, 0.0), t2(sums ? nt * C : 0, 0.0);
     at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C * s.taps()), [&](int64_t r0, int64_t r1) {
-      // The row's conv output goes to an L1-sized buffer; the BN / activation terms then run over
-      // it channel vector by channel vector, with that vector's seven coefficients in registers and
-      // the sums in registers (in the conv's epilogue they cost ~12 loads and stores per vector, which
-      // made this pass ~3x the forward conv).
-      std::vector<T> zrow(s.Wo * C), r1s(C), r2s(C);
+      // The row's conv output goes to an L1-sized buffer (or with store_z to out), then
+      // bn_act_grad_row runs over it.
+      std::vector<T> zrow(store_z ? 0 : s.Wo * C), r1s(C), r2s(C);
       const int tid = at::get_thread_num();
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t base = r * s.Wo * C;
-        T* z = zrow.data();
+        T* z = store_z ? out + base : zrow.data();
         nhwc_conv_row(s, x, w, r / s.Ho, r % s.Ho,
                       [&](int64_t wo, int64_t c, int64_t cnt, V<T> acc) { store(acc, z + wo * C + c, cnt); });
-        for (int64_t c = 0; c < C; c += VL) {
-          const int64_t cnt = std::min(VL, C - c);
-          const V<T> a0 = load(p.a0 + c, cnt), a1 = load(p.a1 + c, cnt), ga = load(p.gamma + c, cnt),
-                     be = load(p.beta + c, cnt), k1 = load(p.k1 + c, cnt), k2 = load(p.k2 + c, cnt),
-                     k3 = load(p.k3 + c, cnt);
-          V<T> v1(0), v2(0);
-          for (int64_t wo = 0; wo < s.Wo; ++wo) {
-            const int64_t i = wo * C + c;
-            const V<T> xh = (load(z + i, cnt) + a0) * a1;  // subtract first: exact near the mean
-            const V<T> g = act_bwd<A>(load(go + base + i, cnt), at::vec::fmadd(xh, ga, be));
-            if (out) store(at::vec::fmadd(k1, g, at::vec::fmadd(k2, xh, k3)), out + base + i, cnt);
-            if (sums) {
-              v1 = v1 + g;  // lanes past cnt stay 0: their loads are zero-filled
-              v2 = at::vec::fmadd(g, xh, v2);
-            }
-          }
-          if (sums) {
-            store(v1, r1s.data() + c, cnt);
-            store(v2, r2s.data() + c, cnt);
-          }
-        }
+        bn_act_grad_row<T, A>(z, go + base, out && !store_z ? out + base : nullptr, s.Wo, C, p,
+                              sums ? r1s.data() : nullptr, r2s.data());
         if (sums)
           for (int64_t c = 0; c < C; ++c) {
             t1[tid * C + c] += r1s[c];
@@ -687,6 +698,7 @@ void backward_act_impl(const ConvShape& s, const T* x, const T* w, const BwdPara
         }
     return;
   }
+  constexpr int64_t VL = V<T>::size();
   const PlaneBuf d = plane_buf_dims(s, VL);
   const int64_t planes = s.N * C, hw = s.Ho * s.Wo;
   std::vector<double> p1(sums ? planes : 0), p2(sums ? planes : 0);
@@ -706,7 +718,7 @@ void backward_act_impl(const ConvShape& s, const T* x, const T* w, const BwdPara
         const int64_t i = pbase + ho * s.Wo + wo;
         const V<T> xh = (acc + a0) * a1;
         const V<T> g = act_bwd<A>(load(go + i, cnt), at::vec::fmadd(xh, ga, be));
-        if (out) store(at::vec::fmadd(k1, g, at::vec::fmadd(k2, xh, k3)), out + i, cnt);
+        if (out) store(store_z ? acc : at::vec::fmadd(k1, g, at::vec::fmadd(k2, xh, k3)), out + i, cnt);
         if (sums) {
           if (ho >= cur + 16) {  // flush the vector sums to double every 16 rows
             s1 += hsum(v1, VL);
@@ -735,8 +747,46 @@ void backward_act_impl(const ConvShape& s, const T* x, const T* w, const BwdPara
 
 template <typename T>
 void backward_act(const ConvShape& s, Act a, const T* x, const T* w, const BwdParams<T>& p, const T* go, T* out,
-                  double* sum_gy, double* sum_gyx) {
-  dispatch_act(a, [&](auto A) { backward_act_impl<T, decltype(A)::value>(s, x, w, p, go, out, sum_gy, sum_gyx); });
+                  double* sum_gy, double* sum_gyx, bool store_z) {
+  dispatch_act(a, [&](auto A) {
+    backward_act_impl<T, decltype(A)::value>(s, x, w, p, go, out, sum_gy, sum_gyx, store_z);
+  });
+}
+
+// zg holds z (backward_act with store_z); replaced in place by k1 * g + k2 * xhat + k3.
+template <typename T, int A>
+void gz_from_z_impl(const ConvShape& s, const BwdParams<T>& p, const T* go, T* zg) {
+  constexpr int64_t VL = V<T>::size();
+  const int64_t C = s.C, hw = s.Ho * s.Wo;
+  if (s.cl) {
+    at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        T* row = zg + r * s.Wo * C;
+        bn_act_grad_row<T, A>(row, go + r * s.Wo * C, row, s.Wo, C, p, nullptr, nullptr);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, s.N * C, grain_for(hw), [&](int64_t q0, int64_t q1) {
+    for (int64_t pl = q0; pl < q1; ++pl) {
+      const int64_t c = pl % C;
+      const V<T> a1(p.a1[c]), a0(p.a0[c]), ga(p.gamma[c]), be(p.beta[c]), k1(p.k1[c]), k2(p.k2[c]), k3(p.k3[c]);
+      T* zp = zg + pl * hw;
+      const T* gp = go + pl * hw;
+      for (int64_t i = 0; i < hw; i += VL) {
+        const int64_t cnt = std::min(VL, hw - i);
+        const V<T> xh = (load(zp + i, cnt) + a0) * a1;
+        const V<T> g = act_bwd<A>(load(gp + i, cnt), at::vec::fmadd(xh, ga, be));
+        store(at::vec::fmadd(k1, g, at::vec::fmadd(k2, xh, k3)), zp + i, cnt);
+      }
+    }
+  });
+}
+
+template <typename T>
+void gz_from_z(const ConvShape& s, Act a, const BwdParams<T>& p, const T* go, T* zg) {
+  if (s.N == 0) return;
+  dispatch_act(a, [&](auto A) { gz_from_z_impl<T, decltype(A)::value>(s, p, go, zg); });
 }
 
 // ---- backward: input gradient (transposed depthwise conv, as a gather) ------------------------
@@ -1049,8 +1099,8 @@ void forward_small_nchw(const ConvShape& s, Act a, const T* x, const T* w, const
 
 template <typename T>
 constexpr DWKernels<T> make_kernels() {
-  return DWKernels<T>{&forward<T>, &scale_shift_act<T>, &backward_act<T>, &backward_input<T>,
-                      &backward_weight<T>, &transpose<T>, &forward_small_nchw<T>};
+  return DWKernels<T>{&forward<T>,        &scale_shift_act<T>, &backward_act<T>,        &gz_from_z<T>,
+                      &backward_input<T>, &backward_weight<T>, &transpose<T>, &forward_small_nchw<T>};
 }
 
 }  // namespace fastdw::cpu::CPU_CAPABILITY

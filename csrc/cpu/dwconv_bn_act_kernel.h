@@ -28,9 +28,12 @@ struct DWKernels {
   void (*scale_shift_act)(const ConvShape&, Act, T* out, const T* scale, const T* shift);
   // Recompute z = conv(x, w), xhat = (z + a0) * a1, y = xhat * gamma + beta, g = grad_out * act'(y).
   // out (nullable): k1 * g + k2 * xhat + k3, the conv-output gradient. sum_gy/sum_gy_xhat
-  // (nullable): per-channel sums of g and g * xhat (the BN parameter gradients).
+  // (nullable): per-channel sums of g and g * xhat (the BN parameter gradients). store_z: out gets
+  // z itself instead (training's first pass, which needs the sums before the gradient exists).
   void (*backward_act)(const ConvShape&, Act, const T* x, const T* w, const BwdParams<T>& p, const T* grad_out,
-                       T* out, double* sum_gy, double* sum_gy_xhat);
+                       T* out, double* sum_gy, double* sum_gy_xhat, bool store_z);
+  // zg holds z from backward_act(store_z); replaced in place by k1 * g + k2 * xhat + k3.
+  void (*gz_from_z)(const ConvShape&, Act, const BwdParams<T>& p, const T* grad_out, T* zg);
   // grad_input = conv_transpose(gz, w) (a gather, so threads never write the same element).
   void (*backward_input)(const ConvShape&, const T* gz, const T* w, T* gx);
   // grad_weight[c][tap] and grad_bias[c] as double sums over N, Ho, Wo (deterministic order).
