@@ -167,6 +167,13 @@ def _check_triton(device: torch.device, dtype: torch.dtype) -> None:
         raise TypeError(f"fastdw: backend 'triton' supports {_GPU_DTYPE_NAMES}, got {dtype}")
 
 
+def on_cpu_kernels(x: torch.Tensor) -> bool:
+    """True where ``resolve(x.device, x.dtype)`` is 'cpu': the common case, checked in ~0.2 us
+    (``resolve`` takes ~0.4 us, a share of a 5 us op)."""
+    name = _state.backend
+    return (name == "auto" or name == "cpu") and _ext_loaded and x.is_cpu and x.dtype in CPU_DTYPES
+
+
 def resolve(device: torch.device, dtype: torch.dtype) -> str:
     """The backend that runs an op on tensors of this device and dtype.
 

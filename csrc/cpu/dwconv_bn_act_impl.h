@@ -9,8 +9,8 @@
 //    into a zero-padded, stride-deinterleaved buffer (phase j holds padded columns j, j+s, ...), so
 //    every tap of every stride becomes a contiguous vector load; the buffer is L1/L2 resident.
 // BatchNorm and the activation are applied to the accumulator in registers before the one store.
-// Statistics and weight gradients are reduced per row in T, then merged in double in a fixed
-// order, so results do not depend on scheduling.
+// Statistics and weight gradients are reduced in T over a row (weight gradients: ~256 output
+// pixels), then merged in double in a fixed order, so results do not depend on scheduling.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -895,11 +895,11 @@ void backward_input(const ConvShape& s, const T* gz, const T* w, T* gx) {
 
 // ---- backward: weight and bias gradients -----------------------------------------------------
 
-// NHWC, one output row whose taps are all inside the image vertically: columns [wlo, whi) are
-// interior; per channel vector the K*K tap sums stay in registers across the row.
+// NHWC, one output row, taps rows [kh0, kh1) inside the image: columns [wlo, whi) are interior; per
+// channel vector the K*K tap sums stay in registers across the row (taps outside add nothing).
 template <typename T, int K>
-inline void wgrad_row_fast(const ConvShape& s, const T* xn, const T* grow, int64_t hi0, int64_t wlo, int64_t whi,
-                           T* rw, T* rb) {
+inline void wgrad_row_fast(const ConvShape& s, const T* xn, const T* grow, int64_t hi0, int64_t kh0, int64_t kh1,
+                           int64_t wlo, int64_t whi, T* rw, T* rb) {
   constexpr int64_t VL = V<T>::size();
   const int64_t C = s.C;
   auto chunk = [&](int64_t c, auto full) {
@@ -913,9 +913,11 @@ inline void wgrad_row_fast(const ConvShape& s, const T* xn, const T* grow, int64
       const V<T> g = ld(grow + wo * C + c);
       bs = bs + g;
       const T* xr = xn + (hi0 * s.W + wo * s.SW - s.PW) * C + c;
-      for (int kh = 0; kh < K; ++kh)
+      for (int kh = 0; kh < K; ++kh) {
+        if (kh < kh0 || kh >= kh1) continue;  // the row above / below the image (same for the whole row)
         for (int kw = 0; kw < K; ++kw)
           acc[kh * K + kw] = at::vec::fmadd(g, ld(xr + (kh * s.DH * s.W + kw * s.DW) * C), acc[kh * K + kw]);
+      }
     }
     for (int t = 0; t < K * K; ++t) store(load(rw + t * C + c, cnt) + acc[t], rw + t * C + c, cnt);
     store(load(rb + c, cnt) + bs, rb + c, cnt);
@@ -969,13 +971,22 @@ void backward_weight(const ConvShape& s, const T* x, const T* gz, double* gw, do
     const int64_t wlo = std::min(s.Wo, (s.PW + s.SW - 1) / s.SW);
     const int64_t num = s.W - 1 - (s.KW - 1) * s.DW + s.PW;
     const int64_t whi = num < 0 ? wlo : std::max(wlo, std::min(s.Wo, num / s.SW + 1));
+    // Sums in T over ~256 output pixels (several rows of a small map), then added to the thread's
+    // double sums: flushing every row cost a memset and a double add of taps * C values per row,
+    // as much as the row itself at 7x7.
+    const int64_t flush_rows = std::max<int64_t>(1, 256 / std::max<int64_t>(1, s.Wo));
     at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C * taps), [&](int64_t r0, int64_t r1) {
-      std::vector<T> rw(taps * C), rb(C);
+      std::vector<T> rw(taps * C, T(0)), rb(C, T(0));
       const int tid = at::get_thread_num();
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = r / s.Ho, ho = r % s.Ho;
+      auto flush = [&] {
+        double* twt = tw.data() + tid * taps * C;
+        for (int64_t i = 0; i < taps * C; ++i) twt[i] += rw[i];
+        for (int64_t c = 0; c < C; ++c) tb[tid * C + c] += rb[c];
         std::fill(rw.begin(), rw.end(), T(0));
         std::fill(rb.begin(), rb.end(), T(0));
+      };
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / s.Ho, ho = r % s.Ho;
         const int64_t hi0 = ho * s.SH - s.PH;
         int64_t kh0, kh1;
         tap_range(hi0, s.DH, s.KH, s.H, kh0, kh1);
@@ -997,17 +1008,15 @@ void backward_weight(const ConvShape& s, const T* x, const T* gz, double* gw, do
             }
           }
         };
-        if (square && kh0 == 0 && kh1 == s.KH) {
+        if (square) {
           for (int64_t wo = 0; wo < wlo; ++wo) slow(wo);
-          if (s.KH == 3) wgrad_row_fast<T, 3>(s, xn, grow, hi0, wlo, whi, rw.data(), rb.data());
-          else wgrad_row_fast<T, 5>(s, xn, grow, hi0, wlo, whi, rw.data(), rb.data());
+          if (s.KH == 3) wgrad_row_fast<T, 3>(s, xn, grow, hi0, kh0, kh1, wlo, whi, rw.data(), rb.data());
+          else wgrad_row_fast<T, 5>(s, xn, grow, hi0, kh0, kh1, wlo, whi, rw.data(), rb.data());
           for (int64_t wo = whi; wo < s.Wo; ++wo) slow(wo);
         } else {
           for (int64_t wo = 0; wo < s.Wo; ++wo) slow(wo);
         }
-        double* twt = tw.data() + tid * taps * C;
-        for (int64_t i = 0; i < taps * C; ++i) twt[i] += rw[i];
-        for (int64_t c = 0; c < C; ++c) tb[tid * C + c] += rb[c];
+        if ((r - r0) % flush_rows == flush_rows - 1 || r == r1 - 1) flush();
       }
     });
     for (int t = 0; t < nt; ++t) {

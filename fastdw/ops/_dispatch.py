@@ -13,7 +13,7 @@ import torch
 from fastdw import _backend
 
 # What a fastdw C++ op raises for an argument it rejects (TORCH_CHECK_VALUE / _TYPE / TORCH_CHECK, index).
-_REJECTED = (ValueError, TypeError, RuntimeError, IndexError)
+REJECTED = (ValueError, TypeError, RuntimeError, IndexError)
 
 
 def call_compiled(name: str, args: tuple):
@@ -27,5 +27,5 @@ def call_compiled(name: str, args: tuple):
         return None
     try:
         return getattr(torch.ops.fastdw, name).default(*args)
-    except _REJECTED:
+    except REJECTED:
         return None
