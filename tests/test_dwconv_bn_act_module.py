@@ -461,6 +461,11 @@ def test_train_bad_input_gets_the_named_python_error_and_changes_nothing():
     _raises_named_python_errors(m)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         m(torch.randn(1, 24, 1, 1, dtype=torch.float64))
+    m[1].momentum, tracked = None, m[1].num_batches_tracked
+    m[1].num_batches_tracked = None
+    with pytest.raises(ValueError, match="needs num_batches_tracked"):
+        m(torch.randn(2, 24, 8, 8, dtype=torch.float64))
+    m[1].momentum, m[1].num_batches_tracked = 0.1, tracked
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed by a failing call"
     for p in m.parameters():

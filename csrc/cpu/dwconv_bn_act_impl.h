@@ -453,7 +453,6 @@ inline void row_moments(const T* row, int64_t W, int64_t C, const T* k, T* s1, T
   }
 }
 
-
 template <typename T, int A>
 void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out, double* mean, double* var) {
   constexpr int64_t VL = V<T>::size();

@@ -21,7 +21,8 @@ struct BwdParams {
 template <typename T>
 struct DWKernels {
   // out = act(conv(x, w) + b). With mean/var non-null (act must be None): also the per-channel
-  // mean and biased variance of out, in double (Chan's merge of per-row two-pass statistics).
+  // mean and biased variance of out, in double (NHWC: shifted sums per row, merged per task;
+  // NCHW: two-pass per plane; Chan's merge across them).
   void (*forward)(const ConvShape&, Act, const T* x, const T* w, const T* b, T* out, double* mean,
                   double* var);
   // out = act(out * scale[c] + shift[c]), in place.

@@ -132,6 +132,8 @@ class DWConvBNAct(nn.Sequential):
             return None
         track = bn.track_running_stats
         mean, var = (bb.get("running_mean"), bb.get("running_var")) if track else (None, None)
+        if mean is not None and bn.momentum is None and bb.get("num_batches_tracked") is None:
+            return None  # the general path names the problem (a cumulative average needs the count)
         args = (x, cp["weight"], cp.get("bias"), bp.get("weight"), bp.get("bias"), mean, var, True, eps,
                 conv.stride, padding, conv.dilation, self.activation, self.input_shuffle_groups or 1)
         res = _dispatch.call_compiled("dwconv_bn_act", args)
