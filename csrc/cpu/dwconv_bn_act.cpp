@@ -5,8 +5,8 @@
 // Forward, eval: BN is folded into the weights once per call (w' = w * g / sqrt(v + eps),
 // b' = (b - m) * g / sqrt(v + eps) + beta): one pass, activation applied before the only store.
 // Forward, training: pass 1 writes z = conv(x) + b and reduces per-channel statistics while each
-// row (NHWC) or plane (NCHW) is in cache; pass 2 normalises and activates in place (the output is smaller than the input, so
-// this is cheaper than recomputing the conv).
+// row (NHWC) or plane (NCHW) is in cache; pass 2 normalises and activates in place (the output is
+// smaller than the input, so this is cheaper than recomputing the conv).
 // Backward: recomputes z from x once (nothing but x and per-channel vectors is saved), applies the
 // activation derivative, reduces the BN parameter gradients (in training, z waits in the buffer of
 // the conv-output gradient gz until they are known), then the conv input and weight gradients.

@@ -621,6 +621,26 @@ void scale_shift_act(const ConvShape& s, Act a, T* out, const T* scale, const T*
 
 // ---- backward: recompute, activation, BN backward --------------------------------------------
 
+// The BN/activation backward terms of one vector of outputs, the seven coefficients of BwdParams in
+// registers: per channel vector (NHWC, cnt channels from c) or one channel broadcast (NCHW plane).
+template <typename T, int A>
+struct BnActGrad {
+  V<T> a0, a1, ga, be, k1, k2, k3;
+  static BnActGrad lanes(const BwdParams<T>& p, int64_t c, int64_t cnt) {
+    return {load(p.a0 + c, cnt), load(p.a1 + c, cnt), load(p.gamma + c, cnt), load(p.beta + c, cnt),
+            load(p.k1 + c, cnt), load(p.k2 + c, cnt), load(p.k3 + c, cnt)};
+  }
+  static BnActGrad channel(const BwdParams<T>& p, int64_t c) {
+    return {V<T>(p.a0[c]), V<T>(p.a1[c]), V<T>(p.gamma[c]), V<T>(p.beta[c]),
+            V<T>(p.k1[c]), V<T>(p.k2[c]), V<T>(p.k3[c])};
+  }
+  V<T> xhat(const V<T>& z) const { return (z + a0) * a1; }  // subtract first: exact near the mean
+  // grad_out * act'(y), y = xhat * gamma + beta
+  V<T> g(const V<T>& go, const V<T>& xh) const { return act_bwd<A>(go, at::vec::fmadd(xh, ga, be)); }
+  // the conv-output gradient k1 * g + k2 * xhat + k3
+  V<T> gz(const V<T>& g, const V<T>& xh) const { return at::vec::fmadd(k1, g, at::vec::fmadd(k2, xh, k3)); }
+};
+
 // xhat = (z + a0) * a1, y = xhat * gamma + beta, g = grad_out * act'(y) for one NHWC row of W pixels
 // whose bias-free conv output is z. out (nullable): k1 * g + k2 * xhat + k3 (may alias z: each
 // element is read before it is written). s1 / s2 (nullable): the row's per-channel sums of g and
@@ -632,15 +652,13 @@ inline void bn_act_grad_row(const T* z, const T* go, T* out, int64_t W, int64_t 
   constexpr int64_t VL = V<T>::size();
   for (int64_t c = 0; c < C; c += VL) {
     const int64_t cnt = std::min(VL, C - c);
-    const V<T> a0 = load(p.a0 + c, cnt), a1 = load(p.a1 + c, cnt), ga = load(p.gamma + c, cnt),
-               be = load(p.beta + c, cnt), k1 = load(p.k1 + c, cnt), k2 = load(p.k2 + c, cnt),
-               k3 = load(p.k3 + c, cnt);
+    const auto t = BnActGrad<T, A>::lanes(p, c, cnt);
     V<T> v1(0), v2(0);
     for (int64_t wo = 0; wo < W; ++wo) {
       const int64_t i = wo * C + c;
-      const V<T> xh = (load(z + i, cnt) + a0) * a1;  // subtract first: exact near the mean
-      const V<T> g = act_bwd<A>(load(go + i, cnt), at::vec::fmadd(xh, ga, be));
-      if (out) store(at::vec::fmadd(k1, g, at::vec::fmadd(k2, xh, k3)), out + i, cnt);
+      const V<T> xh = t.xhat(load(z + i, cnt));
+      const V<T> g = t.g(load(go + i, cnt), xh);
+      if (out) store(t.gz(g, xh), out + i, cnt);
       if (s1) {
         v1 = v1 + g;  // lanes past cnt stay 0: their loads are zero-filled
         v2 = at::vec::fmadd(g, xh, v2);
@@ -708,16 +726,16 @@ void backward_act_impl(const ConvShape& s, const T* x, const T* w, const BwdPara
     for (int64_t pl = q0; pl < q1; ++pl) {
       const int64_t c = pl % C;
       sc.fill(s, d, x + s.in_plane(pl));
-      const V<T> a1(p.a1[c]), a0(p.a0[c]), ga(p.gamma[c]), be(p.beta[c]), k1(p.k1[c]), k2(p.k2[c]), k3(p.k3[c]);
+      const auto t = BnActGrad<T, A>::channel(p, c);
       double s1 = 0, s2 = 0;
       V<T> v1(0), v2(0);
       int64_t cur = 0;
       const int64_t pbase = pl * hw;
       nchw_conv_plane(s, d, off, buf, w + c * s.taps(), [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
         const int64_t i = pbase + ho * s.Wo + wo;
-        const V<T> xh = (acc + a0) * a1;
-        const V<T> g = act_bwd<A>(load(go + i, cnt), at::vec::fmadd(xh, ga, be));
-        if (out) store(store_z ? acc : at::vec::fmadd(k1, g, at::vec::fmadd(k2, xh, k3)), out + i, cnt);
+        const V<T> xh = t.xhat(acc);
+        const V<T> g = t.g(load(go + i, cnt), xh);
+        if (out) store(store_z ? acc : t.gz(g, xh), out + i, cnt);
         if (sums) {
           if (ho >= cur + 16) {  // flush the vector sums to double every 16 rows
             s1 += hsum(v1, VL);
@@ -768,15 +786,13 @@ void gz_from_z_impl(const ConvShape& s, const BwdParams<T>& p, const T* go, T* z
   }
   at::parallel_for(0, s.N * C, grain_for(hw), [&](int64_t q0, int64_t q1) {
     for (int64_t pl = q0; pl < q1; ++pl) {
-      const int64_t c = pl % C;
-      const V<T> a1(p.a1[c]), a0(p.a0[c]), ga(p.gamma[c]), be(p.beta[c]), k1(p.k1[c]), k2(p.k2[c]), k3(p.k3[c]);
+      const auto t = BnActGrad<T, A>::channel(p, pl % C);
       T* zp = zg + pl * hw;
       const T* gp = go + pl * hw;
       for (int64_t i = 0; i < hw; i += VL) {
         const int64_t cnt = std::min(VL, hw - i);
-        const V<T> xh = (load(zp + i, cnt) + a0) * a1;
-        const V<T> g = act_bwd<A>(load(gp + i, cnt), at::vec::fmadd(xh, ga, be));
-        store(at::vec::fmadd(k1, g, at::vec::fmadd(k2, xh, k3)), zp + i, cnt);
+        const V<T> xh = t.xhat(load(zp + i, cnt));
+        store(t.gz(t.g(load(gp + i, cnt), xh), xh), zp + i, cnt);
       }
     }
   });
