@@ -87,7 +87,7 @@ class DWConvBNAct(nn.Sequential):
         if not isinstance(bn, nn.BatchNorm2d):
             bn = None
         elif type(x) is torch.Tensor:
-            out = self._train_compiled(x, conv, bn) if bn.training else self._eval_compiled(x, conv, bn)
+            out = self._compiled(x, conv, bn)
             if out is not None:
                 return out
         if bn is None:
@@ -106,44 +106,36 @@ class DWConvBNAct(nn.Sequential):
             input_shuffle_groups=self.input_shuffle_groups,
         )
 
-    def _eval_compiled(self, x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor | None:
-        """Eval mode on the compiled (cpu / cuda) backend: the module's own arguments go straight to
-        the C++ op, which checks them all (shapes, dtypes, devices, geometry); the Python checks of
-        ``ops.dwconv_bn_act`` cost ~9 us per call, half a batch-1 layer at 7x7. None where the
-        general path must run: another backend, no running statistics, a string padding, or an
-        argument the op rejects (the general path then raises its own, named error; an eval call
-        modifies nothing, so running it again is safe)."""
+    def _compiled(self, x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor | None:
+        """Eval and training on the compiled (cpu / cuda) backend: the module's own arguments go
+        straight to the C++ op, which checks them all (shapes, dtypes, devices, geometry); the
+        Python checks of ``ops.dwconv_bn_act`` cost ~9 us per call, half a batch-1 layer at 7x7.
+        In training, BatchNorm2d's running-statistics update follows. None where the general path
+        must run: another backend, eval without running statistics, a string padding, a cumulative
+        average without its count, or an argument the op rejects (the general path then raises its
+        own, named error; a rejected call computed and updated nothing, so running it again is
+        safe)."""
         cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
-        mean, var, padding, eps = bb.get("running_mean"), bb.get("running_var"), conv.padding, bn.eps
-        if mean is None or var is None or type(padding) is not tuple or not (type(eps) is float and eps > 0):
-            return None
-        args = (x, cp["weight"], cp.get("bias"), bp.get("weight"), bp.get("bias"), mean, var, False, eps,
-                conv.stride, padding, conv.dilation, self.activation, self.input_shuffle_groups or 1)
-        out = _dispatch.call_compiled("dwconv_bn_act", args)
-        return None if out is None else out[0]
-
-    def _train_compiled(self, x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor | None:
-        """Training mode on the compiled backend, as ``_eval_compiled``: the C++ op checks the
-        arguments (a rejected call computed nothing and updated nothing), then BatchNorm2d's
-        running-statistics update. Saves the ~10 us of Python checks per training call."""
-        cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
-        padding, eps = conv.padding, bn.eps
+        padding, eps, training = conv.padding, bn.eps, bn.training
         if type(padding) is not tuple or not (type(eps) is float and eps > 0):
             return None
-        track = bn.track_running_stats
-        mean, var = (bb.get("running_mean"), bb.get("running_var")) if track else (None, None)
-        if mean is not None and bn.momentum is None and bb.get("num_batches_tracked") is None:
-            return None  # the general path names the problem (a cumulative average needs the count)
-        args = (x, cp["weight"], cp.get("bias"), bp.get("weight"), bp.get("bias"), mean, var, True, eps,
+        running = not training or bn.track_running_stats
+        mean, var = (bb.get("running_mean"), bb.get("running_var")) if running else (None, None)
+        tracked = bb.get("num_batches_tracked")
+        if training:
+            if mean is not None and bn.momentum is None and tracked is None:
+                return None
+        elif mean is None or var is None:
+            return None
+        args = (x, cp["weight"], cp.get("bias"), bp.get("weight"), bp.get("bias"), mean, var, training, eps,
                 conv.stride, padding, conv.dilation, self.activation, self.input_shuffle_groups or 1)
         res = _dispatch.call_compiled("dwconv_bn_act", args)
         if res is None:
             return None
         out, batch_mean, batch_var = res
-        if mean is not None:
-            tracked = bb.get("num_batches_tracked")
-            factor = running_factor(bn.momentum, tracked)
+        if training and mean is not None:
             count = out.shape[0] * out.shape[2] * out.shape[3]
+            factor = running_factor(bn.momentum, tracked)
             update_running_stats(mean, var, tracked, factor, batch_mean, batch_var, count)
         return out
 

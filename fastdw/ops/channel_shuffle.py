@@ -29,8 +29,7 @@ import torch
 
 from fastdw import _backend, _validate
 from fastdw import reference as _ref
-from fastdw.ops import _layout
-from fastdw.ops._dispatch import REJECTED
+from fastdw.ops import _dispatch, _layout
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -39,14 +38,13 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     ``groups`` must divide C. The output keeps the input's memory format; backward applies the
     inverse permutation (the shuffle with ``C // groups`` groups).
     """
-    # The common case first (a shuffle is ~5-15 us, so Python overhead shows): a CPU tensor for the
-    # C++ op, which checks its arguments itself. Where it rejects them, the full checks below
-    # raise their named error.
-    if type(x) is torch.Tensor and type(groups) is int and _backend.on_cpu_kernels(x):
-        try:
-            return _shuffle_op(x, groups)
-        except REJECTED:
-            pass
+    # The common case first (a shuffle is ~5-15 us, so Python overhead shows): straight to the
+    # compiled op, which checks its arguments itself. Where there is none, or it rejects them, the
+    # full checks below run and raise their named error.
+    if type(x) is torch.Tensor and type(groups) is int:  # (the C++ op would take a bool as 1)
+        out = _dispatch.call_compiled("channel_shuffle", (x, groups))
+        if out is not None:
+            return out
     if not (type(x) is torch.Tensor and type(groups) is int and x.dim() >= 3 and x.dtype.is_floating_point
             and groups >= 1 and x.shape[1] % groups == 0):
         groups = _validate.groups_dividing(groups, _validate.batched_channels(x, "input"))
@@ -56,10 +54,6 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     if backend == "triton":
         return torch.ops.fastdw.triton_channel_shuffle.default(x, groups)
     return torch.ops.fastdw.channel_shuffle.default(x, groups)
-
-
-# Looked up once (~0.3 us a call otherwise); used only where on_cpu_kernels, so the extension is loaded.
-_shuffle_op = torch.ops.fastdw.channel_shuffle.default if _backend.extension_loaded() else None
 
 
 def concat_shuffle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
