@@ -1,10 +1,12 @@
 // The schema of every fastdw op, defined once. Devices add kernels with TORCH_LIBRARY_IMPL in
 // csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu. Importing fastdw._C runs these registrars; the module
-// itself only carries two helpers to inspect and cap the CPU instruction set (used by tests).
+// itself carries two helpers to inspect and cap the CPU instruction set (used by tests) and the
+// direct entry points of csrc/python_entry.cpp.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "cpu/isa.h"
+#include "python_entry.h"
 
 TORCH_LIBRARY(fastdw, m) {
   m.def(
@@ -51,4 +53,8 @@ PyMethodDef methods[] = {
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastdw compiled kernels", -1, methods};
 }  // namespace
 
-extern "C" PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&module_def);
+  if (module && PyModule_AddFunctions(module, fastdw::python_entry_methods) < 0) Py_CLEAR(module);
+  return module;
+}

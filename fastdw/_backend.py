@@ -167,11 +167,17 @@ def _check_triton(device: torch.device, dtype: torch.dtype) -> None:
         raise TypeError(f"fastdw: backend 'triton' supports {_GPU_DTYPE_NAMES}, got {dtype}")
 
 
+def cpu_kernels_chosen() -> bool:
+    """True where float32 / float64 CPU tensors go to the compiled CPU kernels: the backend is
+    'auto' or 'cpu' and the extension is loaded."""
+    name = _state.backend
+    return (name == "auto" or name == "cpu") and _ext_loaded
+
+
 def on_cpu_kernels(x: torch.Tensor) -> bool:
     """True where ``resolve(x.device, x.dtype)`` is 'cpu': the common case, checked in ~0.2 us
     (``resolve`` takes ~0.4 us, a share of a 5 us op)."""
-    name = _state.backend
-    return (name == "auto" or name == "cpu") and _ext_loaded and x.is_cpu and x.dtype in CPU_DTYPES
+    return cpu_kernels_chosen() and x.is_cpu and x.dtype in CPU_DTYPES
 
 
 def resolve(device: torch.device, dtype: torch.dtype) -> str:

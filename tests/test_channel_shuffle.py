@@ -325,3 +325,55 @@ def test_bad_input_reaching_the_cpp_ops_raises_python_errors():
         torch.ops.fastdw.concat_shuffle(torch.randn(2, 6, 3, 3), torch.randn(2, 6, 3, 2))
     with pytest.raises(ValueError, match="even"):
         torch.ops.fastdw.concat_shuffle_backward(torch.randn(2, 5, 3, 3))
+
+
+# --- the direct entry point (fastdw._C.channel_shuffle, csrc/python_entry.cpp) -------------------
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+class _Seen(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.funcs = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.funcs.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@requires_ext
+def test_direct_entry_runs_the_op_for_the_plain_case_only():
+    direct = fastdw._C.channel_shuffle
+    for fmt in FORMATS:
+        x = _x((2, 12, 3, 3), fmt)
+        assert torch.equal(direct(x, 3), F.channel_shuffle(x, 3))
+        p = nn.Parameter(x.clone())  # Parameter is a plain tensor to C++: direct, with autograd
+        y = direct(p, 4)
+        assert y is not None and y.grad_fn is not None
+        (g,) = torch.autograd.grad(y, p, y)
+        assert torch.equal(g, x)
+    x = _x((2, 12, 3, 3))
+    # Not the plain case, or rejected by the op: None, and the caller's checked path runs.
+    for args in [(x, True), (x, 3.0), (x, 2 ** 70), (x, 5), (x, 0), (x.long(), 3), (x.half(), 3),
+                 (x[0, 0], 1), (x.as_subclass(_Sub), 3), ([[1.0]], 1), (x,), (x, 3, 1)]:
+        assert direct(*args) is None, args
+    with _Seen():
+        assert direct(x, 3) is None
+
+
+@requires_ext
+def test_ops_channel_shuffle_honours_torch_function_modes_and_fake_tensors():
+    x = _x((2, 12, 3, 3))
+    with _Seen() as mode:
+        y = fastdw.ops.channel_shuffle(x, 3)
+    assert torch.equal(y, F.channel_shuffle(x, 3))
+    assert torch.ops.fastdw.channel_shuffle.default in mode.funcs
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    fake_mode = FakeTensorMode()
+    fx = fake_mode.from_tensor(x.contiguous(memory_format=torch.channels_last))
+    with fake_mode:
+        fy = fastdw.ops.channel_shuffle(fx, 3)
+    assert fy.shape == x.shape and fy.is_contiguous(memory_format=torch.channels_last)
