@@ -822,6 +822,10 @@ CAPABILITY_CASES = [
     Case((2, 19, 13, 11), 5, stride=2, dilation=2, training=True, channels_last=True, activation="hardswish"),
     Case((3, 21, 9, 23), 3, stride=2, training=False, bias=True, activation="relu6"),
     Case((3, 21, 9, 23), (3, 5), training=False, channels_last=True, bn="noaffine", activation="relu"),
+    # NCHW small planes run on the NHWC kernels through transposes: whole 16 x 16 blocks only
+    # (C = 32, 8x8 planes) here; the cases above have partial blocks too.
+    Case((2, 32, 8, 8), 3, training=True, activation="relu6"),
+    Case((2, 32, 8, 8), 3, training=False, activation="relu6"),
 ]
 
 

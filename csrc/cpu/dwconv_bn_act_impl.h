@@ -1068,8 +1068,8 @@ void backward_weight(const ConvShape& s, const T* x, const T* gz, double* gw, do
 
 // ---- layout ----------------------------------------------------------------------------------
 
-// Batched matrix transpose in 64 x 64 tiles (16 x 16 register blocks where the ISA has them: ATen's
-// transpose_mxn), the tiles spread over threads. ~4-8x faster than Tensor.contiguous() between
+// Batched matrix transpose in 64 x 64 tiles (16 x 16 register blocks where the ISA has them:
+// transpose_tile), the tiles spread over threads. ~4-8x faster than Tensor.contiguous() between
 // NCHW and channels_last at MobileNet's 14x14 / 7x7 layers, where it is the small-plane path's
 // fixed cost.
 template <typename T>
@@ -1080,7 +1080,7 @@ void transpose(const T* src, T* dst, int64_t N, int64_t R, int64_t Cols) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / per, i0 = (t % per) / tc * B, j0 = (t % tc) * B;
       const int m = static_cast<int>(std::min(B, R - i0)), k = static_cast<int>(std::min(B, Cols - j0));
-      at::vec::transpose_mxn<T>(src + (n * R + i0) * Cols + j0, Cols, dst + (n * Cols + j0) * R + i0, R, m, k);
+      transpose_tile<T>(src + (n * R + i0) * Cols + j0, Cols, dst + (n * Cols + j0) * R + i0, R, m, k);
     }
   });
 }
@@ -1095,7 +1095,7 @@ void forward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const T
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / nb, c0 = (t % nb) * CB, cb = std::min(CB, C - c0);
       // planes [cb][HW] -> slab [HW][cb]
-      at::vec::transpose_mxn<T>(x + (n * C + c0) * HW, HW, xin.data(), cb, static_cast<int>(cb),
+      transpose_tile<T>(x + (n * C + c0) * HW, HW, xin.data(), cb, static_cast<int>(cb),
                                 static_cast<int>(HW));
       for (int64_t k = 0; k < taps; ++k) std::memcpy(wsl.data() + k * cb, w + k * C + c0, sizeof(T) * cb);
       ConvShape u = s;
@@ -1110,7 +1110,7 @@ void forward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const T
         });
       }
       // slab [HWo][cb] -> planes [cb][HWo]
-      at::vec::transpose_mxn<T>(yout.data(), cb, out + (n * C + c0) * HWo, HWo, static_cast<int>(HWo),
+      transpose_tile<T>(yout.data(), cb, out + (n * C + c0) * HWo, HWo, static_cast<int>(HWo),
                                 static_cast<int>(cb));
     }
   });
