@@ -315,6 +315,13 @@ EDGE_CASES = [
     Case((3, 9, 5, 4), 1, padding=0, training=True, bias=True, activation="relu"),  # 1x1 kernel
     Case((2, 4, 12, 40), 3, training=True, activation="silu"),  # a wide row (several vectors)
     Case((2, 4, 12, 40), 5, stride=2, training=True, channels_last=True, activation="hardswish"),
+    # channels_last input gradient off the stride-1 fast path: column runs of up to 4 taps (stride 2
+    # and 3, padding beyond the kernel at stride 1) and the tap-list fallback beyond 4 taps
+    Case((2, 20, 11, 13), 3, stride=2, training=True, channels_last=True, activation="relu6"),
+    Case((2, 20, 11, 13), (3, 7), stride=(2, 3), training=True, channels_last=True, bias=True),
+    Case((2, 6, 7, 8), 3, padding=3, training=True, channels_last=True, activation="silu"),
+    Case((2, 6, 7, 8), 7, padding=7, training=True, channels_last=True),
+    Case((2, 6, 13, 12), 9, stride=2, training=True, channels_last=True, activation="hardswish"),
 ]
 
 

@@ -806,6 +806,160 @@ void gz_from_z(const ConvShape& s, Act a, const BwdParams<T>& p, const T* go, T*
 
 // ---- backward: input gradient (transposed depthwise conv, as a gather) ------------------------
 
+// NHWC input gradient for any stride (stride 2 in MobileNets). Input pixel (hi, wi) gathers the
+// taps (kh, kw) whose output pixel ((hi + PH - kh*DH) / SH, (wi + PW - kw*DW) / SW) exists (the
+// division exact). Along a row, the columns of one residue class mod SW share their taps kw, and
+// their output columns advance by one per step: a run. Per run and channel vector, the run's
+// weights are loaded once and the loop over its columns only loads gz (NR x NK taps known at
+// compile time for kernel size 3 at stride 2, the common case). Before: the tap lists were walked
+// per pixel and channel vector with every weight reloaded, 40% of the kernel time of a training
+// step at 1x96x112x112 stride 2.
+struct TapList {
+  int n = 0;
+  int64_t k[4], o[4];  // taps and their output index (of the run's first column)
+};
+
+// Taps k with (i + P - k*D) divisible by S and the quotient inside [0, O); false if more than 4.
+inline bool taps_at(int64_t i, int64_t P, int64_t D, int64_t S, int64_t K, int64_t O, TapList& t) {
+  t.n = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t q = i + P - k * D;
+    if (q < 0 || q % S || q / S >= O) continue;
+    if (t.n == 4) return false;
+    t.k[t.n] = k;
+    t.o[t.n++] = q / S;
+  }
+  return true;
+}
+
+struct ColRun {
+  int64_t wi0, len;  // columns wi0 + j * SW for j < len; output column of tap b: col.o[b] + j
+  TapList col;
+};
+
+template <typename T, int NR, int NK>
+inline void bwd_input_run(const ConvShape& s, const T* const* gzr, const TapList& row, const ColRun& run,
+                          const T* w, T* gr, int nr, int nk) {
+  constexpr int64_t VL = V<T>::size();
+  const int64_t C = s.C;
+  const int R = NR > 0 ? NR : nr, K = NK > 0 ? NK : nk;
+  for (int64_t c = 0; c < C; c += VL) {
+    const int64_t cnt = std::min(VL, C - c);
+    V<T> wv[4][4];
+    for (int a = 0; a < R; ++a)
+      for (int b = 0; b < K; ++b) wv[a][b] = load(w + (row.k[a] * s.KW + run.col.k[b]) * C + c, cnt);
+    const T* src[4][4];
+    for (int a = 0; a < R; ++a)
+      for (int b = 0; b < K; ++b) src[a][b] = gzr[a] + run.col.o[b] * C + c;
+    T* dst = gr + run.wi0 * C + c;
+    for (int64_t j = 0; j < run.len; ++j) {
+      V<T> acc(0);
+      for (int a = 0; a < R; ++a)
+        for (int b = 0; b < K; ++b) acc = at::vec::fmadd(wv[a][b], load(src[a][b] + j * C, cnt), acc);
+      store(acc, dst + j * s.SW * C, cnt);
+    }
+  }
+}
+
+// Any stride and tap count: walks the tap lists per pixel (the fallback of the run kernel below,
+// for more than 4 taps per input row or column).
+template <typename T>
+void backward_input_nhwc_any(const ConvShape& s, const T* gz, const T* w, T* gx) {
+  constexpr int64_t VL = V<T>::size();
+  const int64_t C = s.C, taps = s.taps();
+  // General stride: for input column wi the taps kw with (wi + PW - kw*DW) divisible by SW and
+  // the output column inside [0, Wo); same for rows. Precomputed once per call.
+  auto taps_for = [](int64_t i, int64_t P, int64_t D, int64_t S, int64_t K, int64_t O,
+                     std::vector<std::pair<int64_t, int64_t>>& out) {
+    out.clear();
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t q = i + P - k * D;
+      if (q < 0 || q % S || q / S >= O) continue;
+      out.emplace_back(k, q / S);
+    }
+  };
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> col(s.W);
+  for (int64_t wi = 0; wi < s.W; ++wi) taps_for(wi, s.PW, s.DW, s.SW, s.KW, s.Wo, col[wi]);
+  at::parallel_for(0, s.N * s.H, grain_for(s.W * C * taps), [&](int64_t r0, int64_t r1) {
+    std::vector<std::pair<int64_t, int64_t>> rowt;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / s.H, hi = r % s.H;
+      taps_for(hi, s.PH, s.DH, s.SH, s.KH, s.Ho, rowt);
+      T* gr = gx + r * s.W * C;
+      const T* gzn = gz + n * s.Ho * s.Wo * C;
+      for (int64_t wi = 0; wi < s.W; ++wi) {
+        for (int64_t c = 0; c < C; c += VL) {
+          const int64_t cnt = std::min(VL, C - c);
+          V<T> acc(0);
+          for (auto [kh, ho] : rowt)
+            for (auto [kw, wo] : col[wi])
+              acc = at::vec::fmadd(load(w + (kh * s.KW + kw) * C + c, cnt), load(gzn + (ho * s.Wo + wo) * C + c, cnt),
+                                   acc);
+          store(acc, gr + wi * C + c, cnt);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_input_strided_nhwc(const ConvShape& s, const T* gz, const T* w, T* gx) {
+  const int64_t C = s.C;
+  // Column runs, once per call.
+  std::vector<ColRun> runs;
+  bool ok = true;
+  for (int64_t r0 = 0; r0 < std::min(s.SW, s.W) && ok; ++r0) {
+    for (int64_t wi = r0; wi < s.W && ok; wi += s.SW) {
+      TapList t;
+      ok = taps_at(wi, s.PW, s.DW, s.SW, s.KW, s.Wo, t);
+      ColRun* last = runs.empty() ? nullptr : &runs.back();
+      bool same = last && last->wi0 % s.SW == r0 && last->col.n == t.n;
+      for (int b = 0; same && b < t.n; ++b) same = last->col.k[b] == t.k[b];
+      if (same) {
+        ++last->len;
+      } else {
+        runs.push_back({wi, 1, t});
+      }
+    }
+  }
+  for (int64_t hi = 0; hi < s.H && ok; ++hi) {
+    TapList row;
+    ok = taps_at(hi, s.PH, s.DH, s.SH, s.KH, s.Ho, row);
+  }
+  if (!ok) {
+    backward_input_nhwc_any(s, gz, w, gx);
+    return;
+  }
+  at::parallel_for(0, s.N * s.H, grain_for(s.W * C * s.taps() / std::max<int64_t>(1, s.SH * s.SW)),
+                   [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / s.H, hi = r % s.H;
+      TapList row;
+      taps_at(hi, s.PH, s.DH, s.SH, s.KH, s.Ho, row);  // <= 4 taps: checked above
+      T* gr = gx + r * s.W * C;
+      const T* gzn = gz + n * s.Ho * s.Wo * C;
+      const T* gzr[4];
+      for (int a = 0; a < row.n; ++a) gzr[a] = gzn + row.o[a] * s.Wo * C;
+      for (const ColRun& run : runs) {
+        const int nr = row.n, nk = run.col.n;
+        if (nr == 0 || nk == 0) {
+          for (int64_t j = 0; j < run.len; ++j) std::memset(gr + (run.wi0 + j * s.SW) * C, 0, sizeof(T) * C);
+        } else if (nr == 1 && nk == 1) {
+          bwd_input_run<T, 1, 1>(s, gzr, row, run, w, gr, nr, nk);
+        } else if (nr == 1 && nk == 2) {
+          bwd_input_run<T, 1, 2>(s, gzr, row, run, w, gr, nr, nk);
+        } else if (nr == 2 && nk == 1) {
+          bwd_input_run<T, 2, 1>(s, gzr, row, run, w, gr, nr, nk);
+        } else if (nr == 2 && nk == 2) {
+          bwd_input_run<T, 2, 2>(s, gzr, row, run, w, gr, nr, nk);
+        } else {
+          bwd_input_run<T, 0, 0>(s, gzr, row, run, w, gr, nr, nk);
+        }
+      }
+    }
+  });
+}
+
 template <typename T>
 void backward_input(const ConvShape& s, const T* gz, const T* w, T* gx) {
   constexpr int64_t VL = V<T>::size();
@@ -832,39 +986,7 @@ void backward_input(const ConvShape& s, const T* gz, const T* w, T* gx) {
     return;
   }
   if (s.cl) {
-    // General stride: for input column wi the taps kw with (wi + PW - kw*DW) divisible by SW and
-    // the output column inside [0, Wo); same for rows. Precomputed once per call.
-    auto taps_for = [](int64_t i, int64_t P, int64_t D, int64_t S, int64_t K, int64_t O,
-                       std::vector<std::pair<int64_t, int64_t>>& out) {
-      out.clear();
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t q = i + P - k * D;
-        if (q < 0 || q % S || q / S >= O) continue;
-        out.emplace_back(k, q / S);
-      }
-    };
-    std::vector<std::vector<std::pair<int64_t, int64_t>>> col(s.W);
-    for (int64_t wi = 0; wi < s.W; ++wi) taps_for(wi, s.PW, s.DW, s.SW, s.KW, s.Wo, col[wi]);
-    at::parallel_for(0, s.N * s.H, grain_for(s.W * C * taps), [&](int64_t r0, int64_t r1) {
-      std::vector<std::pair<int64_t, int64_t>> rowt;
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = r / s.H, hi = r % s.H;
-        taps_for(hi, s.PH, s.DH, s.SH, s.KH, s.Ho, rowt);
-        T* gr = gx + r * s.W * C;
-        const T* gzn = gz + n * s.Ho * s.Wo * C;
-        for (int64_t wi = 0; wi < s.W; ++wi) {
-          for (int64_t c = 0; c < C; c += VL) {
-            const int64_t cnt = std::min(VL, C - c);
-            V<T> acc(0);
-            for (auto [kh, ho] : rowt)
-              for (auto [kw, wo] : col[wi])
-                acc = at::vec::fmadd(load(w + (kh * s.KW + kw) * C + c, cnt), load(gzn + (ho * s.Wo + wo) * C + c, cnt),
-                                     acc);
-            store(acc, gr + wi * C + c, cnt);
-          }
-        }
-      }
-    });
+    backward_input_strided_nhwc(s, gz, w, gx);
     return;
   }
   // NCHW: scatter gz into a zero-upsampled padded plane U, then a stride-1 correlation with the
