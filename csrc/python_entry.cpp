@@ -1,11 +1,11 @@
 // Direct Python entry points into the dispatcher for ops whose whole cost is a few microseconds, so
 // that the call itself shows: fastdw._C.channel_shuffle(x, groups).
 //
-// A call through torch.ops (OpOverload.__call__, boxed arguments) costs ~1.5 us before the kernel
-// runs; torch.nn.functional.channel_shuffle, a generated binding, ~0.6 us. This entry unpacks its
-// two arguments itself and calls the op through its typed dispatcher handle, so autograd
-// (csrc/autograd.cpp), the Python dispatch keys (modes such as FakeTensorMode or make_fx) and the
-// device kernels all still apply. It covers only the plain case and returns None for anything
+// A whole call at [1, 24, 4, 4] (1 thread) took 1.9 us through torch.ops (OpOverload.__call__,
+// boxed arguments) against 1.2 us for torch.nn.functional.channel_shuffle, a generated binding;
+// through this entry, 1.1 us. It unpacks its two arguments itself and calls the op through its
+// typed dispatcher handle, so autograd (csrc/autograd.cpp), the Python dispatch keys (modes such
+// as FakeTensorMode or make_fx) and the device kernels all still apply. It covers only the plain case and returns None for anything
 // else, which the Python caller then takes the full, checked path for:
 //   * x not exactly a torch.Tensor (a subclass may override __torch_function__) or a
 //     __torch_function__ mode active; groups not exactly an int (a bool is refused);

@@ -42,10 +42,11 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     inverse permutation (the shuffle with ``C // groups`` groups).
     """
     # The common case first (a shuffle is ~5-15 us, so the call's own cost shows): the compiled
-    # op through its direct entry point, ~0.3 us against ~1.5 us through torch.ops (see
-    # csrc/python_entry.cpp). It returns None for anything but a plain float CPU tensor and an int,
-    # and where the op rejects the arguments; the checked path below then runs and raises the
-    # named error. Dynamo cannot trace that entry, so compiled code calls the op through torch.ops.
+    # op through its direct entry point (csrc/python_entry.cpp); a whole call at [1, 24, 4, 4]
+    # takes 1.1 us this way, 1.9 us through torch.ops, 1.2 us for F.channel_shuffle. It returns
+    # None for anything but a plain float CPU tensor and an int, and where the op rejects the
+    # arguments; the checked path below then runs and raises the named error. Dynamo cannot
+    # trace that entry, so compiled code calls the op through torch.ops.
     if _backend.cpu_kernels_chosen() and not torch.compiler.is_compiling():
         out = _direct_shuffle(x, groups)
         if out is not None:
