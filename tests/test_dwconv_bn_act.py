@@ -910,3 +910,27 @@ def test_deterministic_and_thread_count(channels_last, dtype):
         assert_close(g3[k], g1[k], what=k)
     for k in s1:
         assert_close(s3[k], s1[k], what=k)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("hw", [7, 58])
+def test_batch_statistics_with_a_large_mean(channels_last, hw):
+    """float32 batch statistics where the conv output is ~1e3 and its spread ~1e-2: no
+    cancellation in the mean or the variance. Inputs (1000 + k / 256) and weights (j / 16) are
+    chosen so that every conv output is exact in float32 (no padding: all 9 taps, sums < 2^11
+    with 12 fractional bits), so any error is the statistics' own. 58x58 planes take several
+    partial-sum flushes of the NCHW statistics."""
+    g = torch.Generator().manual_seed(0)
+    x = 1000 + torch.randint(0, 8, (2, 20, hw, hw), generator=g).float() / 256
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    m = fastdw.nn.DWConvBNAct(20, 3, padding=0, momentum=1.0).train()
+    with torch.no_grad():
+        m[0].weight.copy_(torch.randint(1, 4, (20, 1, 3, 3), generator=g).float() / 16)
+    with fastdw.use_backend("cpu"):
+        m(x)
+    z = torch.nn.functional.conv2d(x.double(), m[0].weight.detach().double(), groups=20)
+    mean, var = z.mean((0, 2, 3)), z.var((0, 2, 3))
+    ulp = torch.finfo(torch.float32).eps * mean.abs()  # the running mean is stored in float32
+    assert ((m[1].running_mean.double() - mean).abs() <= 1e-3 * var.sqrt() + ulp).all()
+    torch.testing.assert_close(m[1].running_var.double(), var, rtol=1e-5, atol=0)

@@ -453,6 +453,37 @@ inline void row_moments(const T* row, int64_t W, int64_t C, const T* k, T* s1, T
   }
 }
 
+// sum of (p[i] - k)^P for i < n (P = 1 or 2) in double: four vector accumulators, added into the
+// double total every 64 vectors so that long planes do not lose float precision.
+template <typename T, int P>
+inline double plane_moment(const T* p, int64_t n, T k) {
+  constexpr int64_t VL = V<T>::size();
+  const V<T> kv(k);
+  auto term = [&](const V<T>& v, const V<T>& acc) {
+    const V<T> dv = v - kv;
+    if constexpr (P == 1) return acc + dv;
+    else return at::vec::fmadd(dv, dv, acc);
+  };
+  double total = 0;
+  int64_t i = 0;
+  while (i + 4 * VL <= n) {
+    V<T> a0(0), a1(0), a2(0), a3(0);
+    const int64_t stop = std::min(n - 4 * VL, i + 64 * VL);
+    for (; i <= stop; i += 4 * VL) {
+      a0 = term(V<T>::loadu(p + i), a0);
+      a1 = term(V<T>::loadu(p + i + VL), a1);
+      a2 = term(V<T>::loadu(p + i + 2 * VL), a2);
+      a3 = term(V<T>::loadu(p + i + 3 * VL), a3);
+    }
+    total += hsum(a0, VL) + hsum(a1, VL) + hsum(a2, VL) + hsum(a3, VL);
+  }
+  for (; i < n; ++i) {
+    const double dv = double(p[i]) - double(k);
+    total += P == 1 ? dv : dv * dv;
+  }
+  return total;
+}
+
 template <typename T, int A>
 void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out, double* mean, double* var) {
   constexpr int64_t VL = V<T>::size();
@@ -536,32 +567,18 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
         });
         continue;
       }
-      double psum = 0;
-      V<T> rowsum(0);
-      int64_t cur_ho = 0;
+      // The plane is written as in eval, then its mean and squared deviations are summed in two
+      // linear passes over it while it is in L1 (a 56x56 float plane is 12.5 KB). Summing in the
+      // conv's epilogue kept one accumulator chain per output vector and stopped the compiler
+      // from inlining the epilogue: as costly as the conv itself (perf, 1x144x56x56); and its
+      // float row sums of z lost precision for a large mean (variance off by 7e-4 relative at
+      // mean 1e3, spread 1e-2, 58x58: test_batch_statistics_with_a_large_mean).
       nchw_conv_plane(s, d, off, buf, w + c * s.taps(), [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
-        if (ho >= cur_ho + 16) {  // flush the vector sum to double every 16 rows
-          psum += hsum(rowsum, VL);
-          rowsum = V<T>(0);
-          cur_ho = ho;
-        }
-        V<T> z = acc + bv;
-        store(z, op + ho * s.Wo + wo, cnt);
-        rowsum = rowsum + V<T>::set(V<T>(0), z, cnt);
+        store(acc + bv, op + ho * s.Wo + wo, cnt);
       });
-      psum += hsum(rowsum, VL);
-      const double pm = psum / double(hw);
-      double m2 = 0;
-      for (int64_t ho = 0; ho < s.Ho; ++ho) {
-        V<T> a(0);
-        const V<T> mv(static_cast<T>(pm));
-        for (int64_t wo = 0; wo < s.Wo; wo += VL) {
-          const int64_t cnt = std::min(VL, s.Wo - wo);
-          V<T> dlt = V<T>::set(V<T>(0), load(op + ho * s.Wo + wo, cnt) - mv, cnt);
-          a = at::vec::fmadd(dlt, dlt, a);
-        }
-        m2 += hsum(a, VL);
-      }
+      // Sums of z - z[0], small next to z: no cancellation for a large mean and a small spread.
+      const double pm = double(op[0]) + plane_moment<T, 1>(op, hw, op[0]) / double(hw);
+      const double m2 = plane_moment<T, 2>(op, hw, static_cast<T>(pm));
       // m2 was taken about the rounded mean; correct it to the exact plane mean.
       const double shift = pm - double(static_cast<T>(pm));
       pmean[p] = pm;
