@@ -836,17 +836,29 @@ struct TapList {
   int64_t k[4], o[4];  // taps and their output index (of the run's first column)
 };
 
-// Taps k with (i + P - k*D) divisible by S and the quotient inside [0, O); false if more than 4.
-inline bool taps_at(int64_t i, int64_t P, int64_t D, int64_t S, int64_t K, int64_t O, TapList& t) {
-  t.n = 0;
+// f(k, o) for the taps k of input index i whose output index o = (i + P - k*D) / S exists: the
+// division exact and o inside [0, O).
+template <typename F>
+inline void for_each_tap(int64_t i, int64_t P, int64_t D, int64_t S, int64_t K, int64_t O, F&& f) {
   for (int64_t k = 0; k < K; ++k) {
     const int64_t q = i + P - k * D;
-    if (q < 0 || q % S || q / S >= O) continue;
-    if (t.n == 4) return false;
-    t.k[t.n] = k;
-    t.o[t.n++] = q / S;
+    if (q >= 0 && q % S == 0 && q / S < O) f(k, q / S);
   }
-  return true;
+}
+
+// The taps of input index i (for_each_tap); false if more than 4.
+inline bool taps_at(int64_t i, int64_t P, int64_t D, int64_t S, int64_t K, int64_t O, TapList& t) {
+  t.n = 0;
+  bool fits = true;
+  for_each_tap(i, P, D, S, K, O, [&](int64_t k, int64_t o) {
+    if (t.n == 4) {
+      fits = false;
+      return;
+    }
+    t.k[t.n] = k;
+    t.o[t.n++] = o;
+  });
+  return fits;
 }
 
 struct ColRun {
@@ -854,12 +866,13 @@ struct ColRun {
   TapList col;
 };
 
+// NR x NK row x column taps at compile time, or 0 x 0: the run's own counts.
 template <typename T, int NR, int NK>
 inline void bwd_input_run(const ConvShape& s, const T* const* gzr, const TapList& row, const ColRun& run,
-                          const T* w, T* gr, int nr, int nk) {
+                          const T* w, T* gr) {
   constexpr int64_t VL = V<T>::size();
   const int64_t C = s.C;
-  const int R = NR > 0 ? NR : nr, K = NK > 0 ? NK : nk;
+  const int R = NR > 0 ? NR : row.n, K = NK > 0 ? NK : run.col.n;
   for (int64_t c = 0; c < C; c += VL) {
     const int64_t cnt = std::min(VL, C - c);
     V<T> wv[4][4];
@@ -884,16 +897,11 @@ template <typename T>
 void backward_input_nhwc_any(const ConvShape& s, const T* gz, const T* w, T* gx) {
   constexpr int64_t VL = V<T>::size();
   const int64_t C = s.C, taps = s.taps();
-  // General stride: for input column wi the taps kw with (wi + PW - kw*DW) divisible by SW and
-  // the output column inside [0, Wo); same for rows. Precomputed once per call.
+  // The (tap, output index) lists of every input column, once per call; rows per task.
   auto taps_for = [](int64_t i, int64_t P, int64_t D, int64_t S, int64_t K, int64_t O,
                      std::vector<std::pair<int64_t, int64_t>>& out) {
     out.clear();
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t q = i + P - k * D;
-      if (q < 0 || q % S || q / S >= O) continue;
-      out.emplace_back(k, q / S);
-    }
+    for_each_tap(i, P, D, S, K, O, [&](int64_t k, int64_t o) { out.emplace_back(k, o); });
   };
   std::vector<std::vector<std::pair<int64_t, int64_t>>> col(s.W);
   for (int64_t wi = 0; wi < s.W; ++wi) taps_for(wi, s.PW, s.DW, s.SW, s.KW, s.Wo, col[wi]);
@@ -939,10 +947,8 @@ void backward_input_strided_nhwc(const ConvShape& s, const T* gz, const T* w, T*
       }
     }
   }
-  for (int64_t hi = 0; hi < s.H && ok; ++hi) {
-    TapList row;
-    ok = taps_at(hi, s.PH, s.DH, s.SH, s.KH, s.Ho, row);
-  }
+  std::vector<TapList> rows(s.H);  // the same for every image of the batch
+  for (int64_t hi = 0; hi < s.H && ok; ++hi) ok = taps_at(hi, s.PH, s.DH, s.SH, s.KH, s.Ho, rows[hi]);
   if (!ok) {
     backward_input_nhwc_any(s, gz, w, gx);
     return;
@@ -950,9 +956,8 @@ void backward_input_strided_nhwc(const ConvShape& s, const T* gz, const T* w, T*
   at::parallel_for(0, s.N * s.H, grain_for(s.W * C * s.taps() / std::max<int64_t>(1, s.SH * s.SW)),
                    [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / s.H, hi = r % s.H;
-      TapList row;
-      taps_at(hi, s.PH, s.DH, s.SH, s.KH, s.Ho, row);  // <= 4 taps: checked above
+      const int64_t n = r / s.H;
+      const TapList& row = rows[r % s.H];
       T* gr = gx + r * s.W * C;
       const T* gzn = gz + n * s.Ho * s.Wo * C;
       const T* gzr[4];
@@ -962,15 +967,15 @@ void backward_input_strided_nhwc(const ConvShape& s, const T* gz, const T* w, T*
         if (nr == 0 || nk == 0) {
           for (int64_t j = 0; j < run.len; ++j) std::memset(gr + (run.wi0 + j * s.SW) * C, 0, sizeof(T) * C);
         } else if (nr == 1 && nk == 1) {
-          bwd_input_run<T, 1, 1>(s, gzr, row, run, w, gr, nr, nk);
+          bwd_input_run<T, 1, 1>(s, gzr, row, run, w, gr);
         } else if (nr == 1 && nk == 2) {
-          bwd_input_run<T, 1, 2>(s, gzr, row, run, w, gr, nr, nk);
+          bwd_input_run<T, 1, 2>(s, gzr, row, run, w, gr);
         } else if (nr == 2 && nk == 1) {
-          bwd_input_run<T, 2, 1>(s, gzr, row, run, w, gr, nr, nk);
+          bwd_input_run<T, 2, 1>(s, gzr, row, run, w, gr);
         } else if (nr == 2 && nk == 2) {
-          bwd_input_run<T, 2, 2>(s, gzr, row, run, w, gr, nr, nk);
+          bwd_input_run<T, 2, 2>(s, gzr, row, run, w, gr);
         } else {
-          bwd_input_run<T, 0, 0>(s, gzr, row, run, w, gr, nr, nk);
+          bwd_input_run<T, 0, 0>(s, gzr, row, run, w, gr);
         }
       }
     }
