@@ -322,6 +322,14 @@ EDGE_CASES = [
     Case((2, 6, 7, 8), 3, padding=3, training=True, channels_last=True, activation="silu"),
     Case((2, 6, 7, 8), 7, padding=7, training=True, channels_last=True),
     Case((2, 6, 13, 12), 9, stride=2, training=True, channels_last=True, activation="hardswish"),
+    # NCHW input gradient by column phases: stride 2 (two phases interleaved, rows of several
+    # vectors, odd width), strides 3 and (1, 2) / (2, 1), and the stride-1 path with padding
+    # beyond the kernel (gz rows and columns that no input pixel reads)
+    Case((2, 3, 11, 45), 3, stride=2, training=True, activation="relu6"),
+    Case((2, 3, 10, 37), (3, 7), stride=(2, 3), training=True, bias=True),
+    Case((2, 3, 9, 34), 5, stride=(1, 2), dilation=2, training=False, bias=True, activation="silu"),
+    Case((2, 3, 9, 35), 3, stride=(2, 1), padding=3, training=True, activation="hardswish"),
+    Case((2, 3, 8, 20), 3, padding=3, training=True, activation="relu"),
 ]
 
 
@@ -833,6 +841,9 @@ CAPABILITY_CASES = [
     # (C = 32, 8x8 planes) here; the cases above have partial blocks too.
     Case((2, 32, 8, 8), 3, training=True, activation="relu6"),
     Case((2, 32, 8, 8), 3, training=False, activation="relu6"),
+    # NCHW planes of > 256 pixels: the native NCHW kernels (the cases above are all <= 256)
+    Case((2, 5, 17, 37), 3, stride=2, training=True, activation="relu6"),
+    Case((2, 5, 17, 37), 3, training=True, bias=True, activation="hardswish"),
 ]
 
 

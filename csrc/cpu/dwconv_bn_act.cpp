@@ -7,9 +7,11 @@
 // Forward, training: pass 1 writes z = conv(x) + b and reduces per-channel statistics while each
 // row (NHWC) or plane (NCHW) is in cache; pass 2 normalises and activates in place (the output is
 // smaller than the input, so this is cheaper than recomputing the conv).
-// Backward: recomputes z from x once (nothing but x and per-channel vectors is saved), applies the
-// activation derivative, reduces the BN parameter gradients (in training, z waits in the buffer of
-// the conv-output gradient gz until they are known), then the conv input and weight gradients.
+// Backward: recomputes z from x (nothing but x and per-channel vectors is saved), applies the
+// activation derivative, reduces the BN parameter gradients, then the conv input and weight
+// gradients. NHWC: in training z waits in the buffer of the conv-output gradient gz until the sums
+// are known. NCHW: z is recomputed a second time per plane instead, and that plane's gz feeds
+// both gradients while it is in cache (gz is never stored).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -234,29 +236,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     std::vector<T> k1t = cast<T>(k1), k2t = cast<T>(k2), k3t = cast<T>(k3);
     BwdParams<T> p{a1t.data(), a0t.data(), gt.data(), bet.data(), k1t.data(), k2t.data(), k3t.data()};
     const bool need_gz = mask[0] || mask[1] || mask[2];
-    at::Tensor gz = need_gz ? at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(fmt)) : at::Tensor();
-    T* gzp = need_gz ? gz.mutable_data_ptr<T>() : nullptr;
     const T* xp = xc.const_data_ptr<T>();
     const T* gop = go.const_data_ptr<T>();
+    T* gxp = mask[0] ? gx.mutable_data_ptr<T>() : nullptr;
+    const bool wgrad = mask[1] || mask[2];
+    // training: gz = k1 * (g - mean(g) - xhat * mean(g * xhat)) needs the sums over the whole batch
+    // first (k2, k3); in eval k2 = k3 = 0 and the sums come from the same pass as gz.
+    auto set_train_terms = [&] {
+      const double M = double(s.N * s.Ho * s.Wo);
+      for (int64_t c = 0; c < s.C; ++c) {
+        bn_train_terms(bn[c], sum_gy[c], sum_gyx[c], M);
+        k2t[c] = static_cast<T>(bn[c].k2);
+        k3t[c] = static_cast<T>(bn[c].k3);
+      }
+    };
+    if (!s.cl) {
+      // NCHW: gz is recomputed per plane and used there (backward_planes), never stored.
+      if (training) {
+        k.backward_planes(s, act, xp, w.data(), p, gop, nullptr, nullptr, nullptr, sum_gy.data(), sum_gyx.data());
+        set_train_terms();
+        if (need_gz)
+          k.backward_planes(s, act, xp, w.data(), p, gop, gxp, wgrad ? dw.data() : nullptr, db.data(), nullptr,
+                            nullptr);
+      } else {
+        k.backward_planes(s, act, xp, w.data(), p, gop, gxp, wgrad ? dw.data() : nullptr, db.data(), sum_gy.data(),
+                          sum_gyx.data());
+      }
+      return;
+    }
+    at::Tensor gz = need_gz ? at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(fmt)) : at::Tensor();
+    T* gzp = need_gz ? gz.mutable_data_ptr<T>() : nullptr;
     if (!training) {
       // One pass: BN parameter sums and gz = k1 * g together.
       k.backward_act(s, act, xp, w.data(), p, gop, gzp, sum_gy.data(), sum_gyx.data(), false);
     } else {
       // Pass 1: the sums, and the recomputed conv output z kept in gz's buffer; pass 2 (elementwise,
-      // in place): gz = k1 * (g - mean(g) - xhat * mean(g * xhat)) from z, not a second conv.
+      // in place): gz from z, not a second conv.
       k.backward_act(s, act, xp, w.data(), p, gop, gzp, sum_gy.data(), sum_gyx.data(), need_gz);
       if (need_gz) {
-        const double M = double(s.N * s.Ho * s.Wo);
-        for (int64_t c = 0; c < s.C; ++c) {
-          bn_train_terms(bn[c], sum_gy[c], sum_gyx[c], M);
-          k2t[c] = static_cast<T>(bn[c].k2);
-          k3t[c] = static_cast<T>(bn[c].k3);
-        }
+        set_train_terms();
         k.gz_from_z(s, act, p, gop, gzp);
       }
     }
-    if (mask[0]) k.backward_input(s, gz.const_data_ptr<T>(), w.data(), gx.mutable_data_ptr<T>());
-    if (mask[1] || mask[2]) k.backward_weight(s, xp, gz.const_data_ptr<T>(), dw.data(), db.data());
+    if (mask[0]) k.backward_input(s, gz.const_data_ptr<T>(), w.data(), gxp);
+    if (wgrad) k.backward_weight(s, xp, gz.const_data_ptr<T>(), dw.data(), db.data());
   });
   auto to_tensor = [&](const std::vector<double>& v, at::IntArrayRef shape, at::ScalarType dt) {
     return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).reshape(shape).to(dt);

@@ -688,9 +688,9 @@ inline void bn_act_grad_row(const T* z, const T* go, T* out, int64_t W, int64_t 
   }
 }
 
-// One pass per call: recompute z = conv(x, w) (no bias: it is inside p.a0), xhat = (z + a0) * a1,
-// y = xhat * gamma + beta, g = grad_out * act'(y). If sums: accumulate sum(g) and sum(g * xhat)
-// per channel. If out: store k1 * g + k2 * xhat + k3 (the conv-output gradient; in eval k2 = k3 =
+// NHWC (NCHW: backward_planes). One pass per call: recompute z = conv(x, w) (no bias: it is
+// inside p.a0), xhat = (z + a0) * a1, y = xhat * gamma + beta, g = grad_out * act'(y). If sums:
+// accumulate sum(g) and sum(g * xhat) per channel. If out: store k1 * g + k2 * xhat + k3 (the conv-output gradient; in eval k2 = k3 =
 // 0), or with store_z the conv output z itself, for gz_from_z to finish without a second conv.
 template <typename T, int A>
 void backward_act_impl(const ConvShape& s, const T* x, const T* w, const BwdParams<T>& p, const T* go, T* out,
@@ -702,80 +702,32 @@ void backward_act_impl(const ConvShape& s, const T* x, const T* w, const BwdPara
     std::fill(sum_gyx, sum_gyx + C, 0.0);
   }
   if (s.N == 0) return;
-  if (s.cl) {
-    const int nt = at::get_num_threads();
-    std::vector<double> t1(sums ? nt * C : 0, 0.0), t2(sums ? nt * C : 0, 0.0);
-    at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C * s.taps()), [&](int64_t r0, int64_t r1) {
-      // The row's conv output goes to an L1-sized buffer (or with store_z to out), then
-      // bn_act_grad_row runs over it.
-      std::vector<T> zrow(store_z ? 0 : s.Wo * C), r1s(C), r2s(C);
-      const int tid = at::get_thread_num();
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t base = r * s.Wo * C;
-        T* z = store_z ? out + base : zrow.data();
-        nhwc_conv_row(s, x, w, r / s.Ho, r % s.Ho,
-                      [&](int64_t wo, int64_t c, int64_t cnt, V<T> acc) { store(acc, z + wo * C + c, cnt); });
-        bn_act_grad_row<T, A>(z, go + base, out && !store_z ? out + base : nullptr, s.Wo, C, p,
-                              sums ? r1s.data() : nullptr, r2s.data());
-        if (sums)
-          for (int64_t c = 0; c < C; ++c) {
-            t1[tid * C + c] += r1s[c];
-            t2[tid * C + c] += r2s[c];
-          }
-      }
-    });
-    if (sums)
-      for (int t = 0; t < nt; ++t)
+  const int nt = at::get_num_threads();
+  std::vector<double> t1(sums ? nt * C : 0, 0.0), t2(sums ? nt * C : 0, 0.0);
+  at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C * s.taps()), [&](int64_t r0, int64_t r1) {
+    // The row's conv output goes to an L1-sized buffer (or with store_z to out), then
+    // bn_act_grad_row runs over it.
+    std::vector<T> zrow(store_z ? 0 : s.Wo * C), r1s(C), r2s(C);
+    const int tid = at::get_thread_num();
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * s.Wo * C;
+      T* z = store_z ? out + base : zrow.data();
+      nhwc_conv_row(s, x, w, r / s.Ho, r % s.Ho,
+                    [&](int64_t wo, int64_t c, int64_t cnt, V<T> acc) { store(acc, z + wo * C + c, cnt); });
+      bn_act_grad_row<T, A>(z, go + base, out && !store_z ? out + base : nullptr, s.Wo, C, p,
+                            sums ? r1s.data() : nullptr, r2s.data());
+      if (sums)
         for (int64_t c = 0; c < C; ++c) {
-          sum_gy[c] += t1[t * C + c];
-          sum_gyx[c] += t2[t * C + c];
+          t1[tid * C + c] += r1s[c];
+          t2[tid * C + c] += r2s[c];
         }
-    return;
-  }
-  constexpr int64_t VL = V<T>::size();
-  const PlaneBuf d = plane_buf_dims(s, VL);
-  const int64_t planes = s.N * C, hw = s.Ho * s.Wo;
-  std::vector<double> p1(sums ? planes : 0), p2(sums ? planes : 0);
-  const std::vector<int64_t> off = plane_offsets(s, d);
-  at::parallel_for(0, planes, grain_for(hw * s.taps()), [&](int64_t q0, int64_t q1) {
-    PlaneScratch<T> sc(s, d);
-    const T* buf = sc.buf.data();
-    for (int64_t pl = q0; pl < q1; ++pl) {
-      const int64_t c = pl % C;
-      sc.fill(s, d, x + s.in_plane(pl));
-      const auto t = BnActGrad<T, A>::channel(p, c);
-      double s1 = 0, s2 = 0;
-      V<T> v1(0), v2(0);
-      int64_t cur = 0;
-      const int64_t pbase = pl * hw;
-      nchw_conv_plane(s, d, off, buf, w + c * s.taps(), [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
-        const int64_t i = pbase + ho * s.Wo + wo;
-        const V<T> xh = t.xhat(acc);
-        const V<T> g = t.g(load(go + i, cnt), xh);
-        if (out) store(store_z ? acc : t.gz(g, xh), out + i, cnt);
-        if (sums) {
-          if (ho >= cur + 16) {  // flush the vector sums to double every 16 rows
-            s1 += hsum(v1, VL);
-            s2 += hsum(v2, VL);
-            v1 = v2 = V<T>(0);
-            cur = ho;
-          }
-          const V<T> gm = V<T>::set(V<T>(0), g, cnt);  // lanes past the row end hold garbage
-          v1 = v1 + gm;
-          v2 = at::vec::fmadd(gm, xh, v2);
-        }
-      });
-      if (sums) {
-        p1[pl] = s1 + hsum(v1, VL);
-        p2[pl] = s2 + hsum(v2, VL);
-      }
     }
   });
   if (sums)
-    for (int64_t n = 0; n < s.N; ++n)
+    for (int t = 0; t < nt; ++t)
       for (int64_t c = 0; c < C; ++c) {
-        sum_gy[c] += p1[n * C + c];
-        sum_gyx[c] += p2[n * C + c];
+        sum_gy[c] += t1[t * C + c];
+        sum_gyx[c] += t2[t * C + c];
       }
 }
 
@@ -787,30 +739,14 @@ void backward_act(const ConvShape& s, Act a, const T* x, const T* w, const BwdPa
   });
 }
 
-// zg holds z (backward_act with store_z); replaced in place by k1 * g + k2 * xhat + k3.
+// NHWC: zg holds z (backward_act with store_z); replaced in place by k1 * g + k2 * xhat + k3.
 template <typename T, int A>
 void gz_from_z_impl(const ConvShape& s, const BwdParams<T>& p, const T* go, T* zg) {
-  constexpr int64_t VL = V<T>::size();
-  const int64_t C = s.C, hw = s.Ho * s.Wo;
-  if (s.cl) {
-    at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        T* row = zg + r * s.Wo * C;
-        bn_act_grad_row<T, A>(row, go + r * s.Wo * C, row, s.Wo, C, p, nullptr, nullptr);
-      }
-    });
-    return;
-  }
-  at::parallel_for(0, s.N * C, grain_for(hw), [&](int64_t q0, int64_t q1) {
-    for (int64_t pl = q0; pl < q1; ++pl) {
-      const auto t = BnActGrad<T, A>::channel(p, pl % C);
-      T* zp = zg + pl * hw;
-      const T* gp = go + pl * hw;
-      for (int64_t i = 0; i < hw; i += VL) {
-        const int64_t cnt = std::min(VL, hw - i);
-        const V<T> xh = t.xhat(load(zp + i, cnt));
-        store(t.gz(t.g(load(gp + i, cnt), xh), xh), zp + i, cnt);
-      }
+  const int64_t C = s.C;
+  at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* row = zg + r * s.Wo * C;
+      bn_act_grad_row<T, A>(row, go + r * s.Wo * C, row, s.Wo, C, p, nullptr, nullptr);
     }
   });
 }
@@ -982,9 +918,9 @@ void backward_input_strided_nhwc(const ConvShape& s, const T* gz, const T* w, T*
   });
 }
 
+// NHWC (NCHW: backward_planes).
 template <typename T>
 void backward_input(const ConvShape& s, const T* gz, const T* w, T* gx) {
-  constexpr int64_t VL = V<T>::size();
   const int64_t C = s.C, taps = s.taps();
   if (s.N == 0) return;
   const int64_t OH = (s.KH - 1) * s.DH, OW = (s.KW - 1) * s.DW;
@@ -1007,49 +943,7 @@ void backward_input(const ConvShape& s, const T* gz, const T* w, T* gx) {
     });
     return;
   }
-  if (s.cl) {
-    backward_input_strided_nhwc(s, gz, w, gx);
-    return;
-  }
-  // NCHW: scatter gz into a zero-upsampled padded plane U, then a stride-1 correlation with the
-  // flipped taps: gx[hi][wi] = sum w[kh][kw] * U[hi + (KH-1-kh)*DH][wi + (KW-1-kw)*DW].
-  const int64_t urows = s.H + OH;
-  const int64_t ucols = (s.W + OW + 2 * VL - 1) / VL * VL;
-  const int64_t hw = s.Ho * s.Wo;
-  std::vector<int64_t> off(taps);
-  for (int64_t kh = 0; kh < s.KH; ++kh)
-    for (int64_t kw = 0; kw < s.KW; ++kw)
-      off[kh * s.KW + kw] = (s.KH - 1 - kh) * s.DH * ucols + (s.KW - 1 - kw) * s.DW;
-  at::parallel_for(0, s.N * C, grain_for(s.H * s.W * taps), [&](int64_t p0, int64_t p1) {
-    std::vector<T> u((urows + 8) * ucols), wflip(taps);  // + 8 rows: the fast path's row blocks
-    for (int64_t p = p0; p < p1; ++p) {
-      std::fill(u.begin(), u.end(), T(0));
-      const T* g = gz + p * hw;
-      for (int64_t ho = 0; ho < s.Ho; ++ho) {
-        const int64_t r = ho * s.SH + OH - s.PH;
-        if (r < 0 || r >= urows) continue;
-        T* ur = u.data() + r * ucols;
-        const T* gr = g + ho * s.Wo;
-        if (s.SW == 1) {
-          // q = wo + OW - PW, kept inside [0, W + OW)
-          const int64_t lo = std::max<int64_t>(0, s.PW - OW), hi = std::min<int64_t>(s.Wo, s.W + s.PW);
-          if (hi > lo) std::memcpy(ur + lo + OW - s.PW, gr + lo, sizeof(T) * (hi - lo));
-        } else {
-          for (int64_t wo = 0; wo < s.Wo; ++wo) {
-            const int64_t q = wo * s.SW + OW - s.PW;
-            if (q >= 0 && q < s.W + OW) ur[q] = gr[wo];
-          }
-        }
-      }
-      T* gp = gx + s.in_plane(p);
-      auto epi = [&](int64_t hi, int64_t wi, int64_t cnt, V<T> acc) { store(acc, gp + hi * s.W + wi, cnt); };
-      const T* wc = w + (p % C) * taps;
-      for (int64_t t = 0; t < taps; ++t) wflip[taps - 1 - t] = wc[t];
-      if (!nchw_try_fast(s.KH, s.KW, int64_t(1), int64_t(1), s.DH, s.DW, s.H, s.W, u.data(), urows, ucols,
-                         wflip.data(), epi))
-        nchw_core(s.H, s.W, u.data(), ucols, off.data(), taps, wc, epi);
-    }
-  });
+  backward_input_strided_nhwc(s, gz, w, gx);
 }
 
 // ---- backward: weight and bias gradients -----------------------------------------------------
@@ -1087,10 +981,10 @@ inline void wgrad_row_fast(const ConvShape& s, const T* xn, const T* grow, int64
 }
 
 // NCHW, one plane in the phase buffer: sums over the plane of g * x for every tap (registers when
-// TAPS > 0), flushed to double every 16 rows.
+// TAPS > 0), flushed to double every 16 rows. g: the plane's conv-output gradient, rows gs apart.
 template <typename T, int TAPS>
 inline void wgrad_plane_t(const ConvShape& s, const PlaneBuf& d, const int64_t* off, const T* buf, const T* g,
-                          double* out) {
+                          int64_t gs, double* out) {
   constexpr int64_t VL = V<T>::size();
   constexpr int64_t NT = TAPS > 0 ? TAPS + 1 : 1;
   const int64_t taps = TAPS > 0 ? TAPS : s.taps();
@@ -1107,7 +1001,7 @@ inline void wgrad_plane_t(const ConvShape& s, const PlaneBuf& d, const int64_t* 
   for (int64_t ho = 0; ho < s.Ho; ++ho) {
     const T* base = buf + ho * s.SH * d.cols;
     for (int64_t wo = 0; wo < s.Wo; wo += VL) {
-      const V<T> gv = load(g + ho * s.Wo + wo, std::min(VL, s.Wo - wo));  // zero past the row end
+      const V<T> gv = load(g + ho * gs + wo, std::min(VL, s.Wo - wo));  // zero past the row end
       for (int64_t t = 0; t < taps; ++t) acc[t] = at::vec::fmadd(gv, V<T>::loadu(base + off[t] + wo), acc[t]);
       acc[taps] = acc[taps] + gv;
     }
@@ -1116,6 +1010,7 @@ inline void wgrad_plane_t(const ConvShape& s, const PlaneBuf& d, const int64_t* 
   flush();
 }
 
+// NHWC (NCHW: backward_planes).
 template <typename T>
 void backward_weight(const ConvShape& s, const T* x, const T* gz, double* gw, double* gb) {
   constexpr int64_t VL = V<T>::size();
@@ -1123,91 +1018,314 @@ void backward_weight(const ConvShape& s, const T* x, const T* gz, double* gw, do
   std::fill(gw, gw + C * taps, 0.0);
   std::fill(gb, gb + C, 0.0);
   if (s.N == 0) return;
-  if (s.cl) {
-    const int nt = at::get_num_threads();
-    std::vector<double> tw(nt * taps * C, 0.0), tb(nt * C, 0.0);
-    const bool square = s.KH == s.KW && (s.KH == 3 || s.KH == 5);
-    const int64_t wlo = std::min(s.Wo, (s.PW + s.SW - 1) / s.SW);
-    const int64_t num = s.W - 1 - (s.KW - 1) * s.DW + s.PW;
-    const int64_t whi = num < 0 ? wlo : std::max(wlo, std::min(s.Wo, num / s.SW + 1));
-    // Sums in T over ~256 output pixels (several rows of a small map), then added to the thread's
-    // double sums: flushing every row cost a memset and a double add of taps * C values per row,
-    // as much as the row itself at 7x7.
-    const int64_t flush_rows = std::max<int64_t>(1, 256 / std::max<int64_t>(1, s.Wo));
-    at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C * taps), [&](int64_t r0, int64_t r1) {
-      std::vector<T> rw(taps * C, T(0)), rb(C, T(0));
-      const int tid = at::get_thread_num();
-      auto flush = [&] {
-        double* twt = tw.data() + tid * taps * C;
-        for (int64_t i = 0; i < taps * C; ++i) twt[i] += rw[i];
-        for (int64_t c = 0; c < C; ++c) tb[tid * C + c] += rb[c];
-        std::fill(rw.begin(), rw.end(), T(0));
-        std::fill(rb.begin(), rb.end(), T(0));
-      };
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = r / s.Ho, ho = r % s.Ho;
-        const int64_t hi0 = ho * s.SH - s.PH;
-        int64_t kh0, kh1;
-        tap_range(hi0, s.DH, s.KH, s.H, kh0, kh1);
-        const T* xn = x + n * s.H * s.W * C;
-        const T* grow = gz + r * s.Wo * C;
-        auto slow = [&](int64_t wo) {
-          const int64_t wi0 = wo * s.SW - s.PW;
-          int64_t kw0, kw1;
-          tap_range(wi0, s.DW, s.KW, s.W, kw0, kw1);
-          for (int64_t c = 0; c < C; c += VL) {
-            const int64_t cnt = std::min(VL, C - c);
-            const V<T> g = load(grow + wo * C + c, cnt);
-            store(load(rb.data() + c, cnt) + g, rb.data() + c, cnt);
-            for (int64_t kh = kh0; kh < kh1; ++kh) {
-              const T* xr = xn + ((hi0 + kh * s.DH) * s.W + wi0) * C + c;
-              T* wr = rw.data() + kh * s.KW * C + c;
-              for (int64_t kw = kw0; kw < kw1; ++kw)
-                store(at::vec::fmadd(g, load(xr + kw * s.DW * C, cnt), load(wr + kw * C, cnt)), wr + kw * C, cnt);
-            }
+  const int nt = at::get_num_threads();
+  std::vector<double> tw(nt * taps * C, 0.0), tb(nt * C, 0.0);
+  const bool square = s.KH == s.KW && (s.KH == 3 || s.KH == 5);
+  const int64_t wlo = std::min(s.Wo, (s.PW + s.SW - 1) / s.SW);
+  const int64_t num = s.W - 1 - (s.KW - 1) * s.DW + s.PW;
+  const int64_t whi = num < 0 ? wlo : std::max(wlo, std::min(s.Wo, num / s.SW + 1));
+  // Sums in T over ~256 output pixels (several rows of a small map), then added to the thread's
+  // double sums: flushing every row cost a memset and a double add of taps * C values per row,
+  // as much as the row itself at 7x7.
+  const int64_t flush_rows = std::max<int64_t>(1, 256 / std::max<int64_t>(1, s.Wo));
+  at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C * taps), [&](int64_t r0, int64_t r1) {
+    std::vector<T> rw(taps * C, T(0)), rb(C, T(0));
+    const int tid = at::get_thread_num();
+    auto flush = [&] {
+      double* twt = tw.data() + tid * taps * C;
+      for (int64_t i = 0; i < taps * C; ++i) twt[i] += rw[i];
+      for (int64_t c = 0; c < C; ++c) tb[tid * C + c] += rb[c];
+      std::fill(rw.begin(), rw.end(), T(0));
+      std::fill(rb.begin(), rb.end(), T(0));
+    };
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / s.Ho, ho = r % s.Ho;
+      const int64_t hi0 = ho * s.SH - s.PH;
+      int64_t kh0, kh1;
+      tap_range(hi0, s.DH, s.KH, s.H, kh0, kh1);
+      const T* xn = x + n * s.H * s.W * C;
+      const T* grow = gz + r * s.Wo * C;
+      auto slow = [&](int64_t wo) {
+        const int64_t wi0 = wo * s.SW - s.PW;
+        int64_t kw0, kw1;
+        tap_range(wi0, s.DW, s.KW, s.W, kw0, kw1);
+        for (int64_t c = 0; c < C; c += VL) {
+          const int64_t cnt = std::min(VL, C - c);
+          const V<T> g = load(grow + wo * C + c, cnt);
+          store(load(rb.data() + c, cnt) + g, rb.data() + c, cnt);
+          for (int64_t kh = kh0; kh < kh1; ++kh) {
+            const T* xr = xn + ((hi0 + kh * s.DH) * s.W + wi0) * C + c;
+            T* wr = rw.data() + kh * s.KW * C + c;
+            for (int64_t kw = kw0; kw < kw1; ++kw)
+              store(at::vec::fmadd(g, load(xr + kw * s.DW * C, cnt), load(wr + kw * C, cnt)), wr + kw * C, cnt);
           }
-        };
-        if (square) {
-          for (int64_t wo = 0; wo < wlo; ++wo) slow(wo);
-          if (s.KH == 3) wgrad_row_fast<T, 3>(s, xn, grow, hi0, kh0, kh1, wlo, whi, rw.data(), rb.data());
-          else wgrad_row_fast<T, 5>(s, xn, grow, hi0, kh0, kh1, wlo, whi, rw.data(), rb.data());
-          for (int64_t wo = whi; wo < s.Wo; ++wo) slow(wo);
-        } else {
-          for (int64_t wo = 0; wo < s.Wo; ++wo) slow(wo);
         }
-        if ((r - r0) % flush_rows == flush_rows - 1 || r == r1 - 1) flush();
+      };
+      if (square) {
+        for (int64_t wo = 0; wo < wlo; ++wo) slow(wo);
+        if (s.KH == 3) wgrad_row_fast<T, 3>(s, xn, grow, hi0, kh0, kh1, wlo, whi, rw.data(), rb.data());
+        else wgrad_row_fast<T, 5>(s, xn, grow, hi0, kh0, kh1, wlo, whi, rw.data(), rb.data());
+        for (int64_t wo = whi; wo < s.Wo; ++wo) slow(wo);
+      } else {
+        for (int64_t wo = 0; wo < s.Wo; ++wo) slow(wo);
       }
-    });
-    for (int t = 0; t < nt; ++t) {
-      for (int64_t k = 0; k < taps; ++k)
-        for (int64_t c = 0; c < C; ++c) gw[c * taps + k] += tw[(t * taps + k) * C + c];
-      for (int64_t c = 0; c < C; ++c) gb[c] += tb[t * C + c];
+      if ((r - r0) % flush_rows == flush_rows - 1 || r == r1 - 1) flush();
     }
-    return;
+  });
+  for (int t = 0; t < nt; ++t) {
+    for (int64_t k = 0; k < taps; ++k)
+      for (int64_t c = 0; c < C; ++c) gw[c * taps + k] += tw[(t * taps + k) * C + c];
+    for (int64_t c = 0; c < C; ++c) gb[c] += tb[t * C + c];
   }
+}
+
+// ---- backward: NCHW, one pass per plane --------------------------------------------------------
+
+// The input gradient of one NCHW plane from its conv-output gradient gz, which the caller first
+// writes into this object's buffer (row ho: Wo values at gz_row(ho)). The rest of the buffer is
+// zeroed once per task and never written, so it stays zero from plane to plane.
+//  * stride 1: gx = correlation of the zero-bordered gz with the flipped taps (the forward's
+//    register-blocked kernels).
+//  * other strides, by phases: input column wi = SW * j + r gathers the taps kw with
+//    r + PW - kw*DW divisible by SW, from output column j + (r + PW - kw*DW) / SW, and input row hi
+//    the taps kh of for_each_tap. Each (row, phase) is then a sum of a few gz rows over contiguous
+//    columns, and stride 2's two phases are interleaved into the gx row with one permute pair.
+//    The old code correlated a zero-upsampled plane: at stride 2, 3 of every 4 products were
+//    with inserted zeros, and the plane was cleared and scattered per channel.
+template <typename T>
+struct InputGradPlane {
+  static constexpr int64_t VL = V<T>::size();
+  struct ColTap {
+    int64_t kw, delta;  // tap column and output column offset (wo = j + delta)
+  };
+  const ConvShape& s;
+  const bool unit;                             // stride 1
+  int64_t rows = 0, cols = 0, r0 = 0, c0 = 0;  // gz (ho, wo) at buf[(r0 + ho) * cols + c0 + wo]
+  int64_t origin = 0;                          // stride 1: where the correlation's input starts
+  std::vector<T> buf, wflip;
+  std::vector<int64_t> off, rk, ro;
+  std::vector<std::vector<ColTap>> phase;  // strided: the column taps of each phase r < SW
+  std::vector<V<T>> wv;
+  std::vector<const T*> pt;
+
+  explicit InputGradPlane(const ConvShape& sh) : s(sh), unit(sh.SH == 1 && sh.SW == 1) {
+    const int64_t OH = (s.KH - 1) * s.DH, OW = (s.KW - 1) * s.DW, taps = s.taps();
+    if (unit) {
+      // U[r][q] = gz[r - OH + PH][q - OW + PW], read for r < H + OH, q < W + OW (+ one vector of
+      // overrun); the margins mr / mc hold gz rows / columns no input pixel reads (padding beyond
+      // the kernel's reach), + 8 spare rows as before.
+      const int64_t mr = std::max<int64_t>(0, s.PH - OH), mc = std::max<int64_t>(0, s.PW - OW);
+      rows = mr + std::max(s.H + OH, s.Ho + OH - s.PH) + 8;
+      cols = (mc + std::max(s.W + OW, s.Wo + OW - s.PW) + 2 * VL - 1) / VL * VL;
+      r0 = mr + OH - s.PH;
+      c0 = mc + OW - s.PW;
+      origin = mr * cols + mc;
+      off.resize(taps);
+      for (int64_t kh = 0; kh < s.KH; ++kh)
+        for (int64_t kw = 0; kw < s.KW; ++kw)
+          off[kh * s.KW + kw] = (s.KH - 1 - kh) * s.DH * cols + (s.KW - 1 - kw) * s.DW;
+      wflip.resize(taps);
+    } else {
+      phase.resize(s.SW);
+      int64_t dmin = 0, dmax = 0;
+      for (int64_t r = 0; r < s.SW; ++r)
+        for (int64_t kw = 0; kw < s.KW; ++kw) {
+          const int64_t q = r + s.PW - kw * s.DW;
+          if ((q % s.SW + s.SW) % s.SW != 0) continue;
+          phase[r].push_back({kw, q / s.SW});  // exact division
+          dmin = std::min(dmin, q / s.SW);
+          dmax = std::max(dmax, q / s.SW);
+        }
+      // Phase 0 has the most columns, J; its vector loads reach column J - 1 + dmax + VL - 1.
+      const int64_t J = (s.W + s.SW - 1) / s.SW;
+      rows = s.Ho;
+      c0 = -dmin;
+      cols = (c0 + std::max(s.Wo, J + dmax) + 2 * VL - 1) / VL * VL;
+      rk.resize(s.KH);
+      ro.resize(s.KH);
+      wv.resize(2 * taps);
+      pt.resize(2 * taps);
+    }
+    buf.assign(rows * cols, T(0));
+  }
+
+  T* gz_row(int64_t ho) { return buf.data() + (r0 + ho) * cols + c0; }
+
+  // gxp: the plane's input gradient (H x W); wc: the channel's taps.
+  void run(const T* wc, T* gxp) {
+    if (unit) {
+      const int64_t taps = s.taps();
+      const T* u = buf.data() + origin;
+      auto epi = [&](int64_t hi, int64_t wi, int64_t cnt, V<T> acc) { store(acc, gxp + hi * s.W + wi, cnt); };
+      for (int64_t t = 0; t < taps; ++t) wflip[taps - 1 - t] = wc[t];
+      if (!nchw_try_fast(s.KH, s.KW, int64_t(1), int64_t(1), s.DH, s.DW, s.H, s.W, u, rows, cols, wflip.data(),
+                         epi))
+        nchw_core(s.H, s.W, u, cols, off.data(), taps, wc, epi);
+      return;
+    }
+    const int64_t taps = s.taps();
+    for (int64_t hi = 0; hi < s.H; ++hi) {
+      T* gr = gxp + hi * s.W;
+      int64_t nr = 0;
+      for_each_tap(hi, s.PH, s.DH, s.SH, s.KH, s.Ho, [&](int64_t kh, int64_t ho) {
+        rk[nr] = kh;
+        ro[nr++] = ho;
+      });
+      // The weights and gz row pointers of phase r's taps in this row.
+      auto collect = [&](int64_t r, V<T>* w, const T** p) {
+        int64_t n = 0;
+        for (int64_t a = 0; a < nr; ++a)
+          for (const ColTap& ct : phase[r]) {
+            w[n] = V<T>(wc[rk[a] * s.KW + ct.kw]);
+            p[n++] = buf.data() + ro[a] * cols + c0 + ct.delta;
+          }
+        return n;
+      };
+      if (s.SW == 2) {
+        const int64_t ne = collect(0, wv.data(), pt.data()), no = collect(1, wv.data() + taps, pt.data() + taps);
+        igrad_row_s2_dispatch(ne, no, gr);
+        continue;
+      }
+      for (int64_t r = 0; r < s.SW && r < s.W; ++r) {
+        const int64_t n = collect(r, wv.data(), pt.data()), J = (s.W - r + s.SW - 1) / s.SW;
+        for (int64_t j = 0; j < J; j += VL) {
+          V<T> acc(0);
+          for (int64_t t = 0; t < n; ++t) acc = at::vec::fmadd(wv[t], V<T>::loadu(pt[t] + j), acc);
+          const int64_t cnt = std::min(VL, J - j);
+          if (s.SW == 1) {
+            store(acc, gr + j, cnt);
+          } else {
+            alignas(64) T tmp[VL];
+            acc.store(tmp);
+            for (int64_t l = 0; l < cnt; ++l) gr[(j + l) * s.SW + r] = tmp[l];
+          }
+        }
+      }
+    }
+  }
+
+  // Stride 2: the even (ne taps) and odd (no taps) phases of one gx row, NE / NO taps at compile
+  // time (-1: the runtime counts).
+  template <int NE, int NO>
+  void igrad_row_s2(int64_t ne, int64_t no, T* gr) const {
+    const int64_t me = NE >= 0 ? NE : ne, mo = NO >= 0 ? NO : no, taps = s.taps();
+    const V<T>* we = wv.data();
+    const V<T>* wo = wv.data() + taps;
+    const T* const* pe = pt.data();
+    const T* const* po = pt.data() + taps;
+    for (int64_t j = 0; 2 * j < s.W; j += VL) {
+      V<T> e(0), o(0);
+      for (int64_t t = 0; t < me; ++t) e = at::vec::fmadd(we[t], V<T>::loadu(pe[t] + j), e);
+      for (int64_t t = 0; t < mo; ++t) o = at::vec::fmadd(wo[t], V<T>::loadu(po[t] + j), o);
+      const auto lh = at::vec::interleave2(e, o);
+      const int64_t n = s.W - 2 * j;
+      store(lh.first, gr + 2 * j, std::min(VL, n));
+      if (n > VL) store(lh.second, gr + 2 * j + VL, std::min(VL, n - VL));
+    }
+  }
+
+  void igrad_row_s2_dispatch(int64_t ne, int64_t no, T* gr) const {
+    // 3x3 with padding 1 at stride 2: rows with 1 or 2 taps, even columns 1 tap, odd columns 2.
+    if (ne == 1 && no == 2) return igrad_row_s2<1, 2>(ne, no, gr);
+    if (ne == 2 && no == 4) return igrad_row_s2<2, 4>(ne, no, gr);
+    if (ne == 2 && no == 1) return igrad_row_s2<2, 1>(ne, no, gr);
+    if (ne == 4 && no == 2) return igrad_row_s2<4, 2>(ne, no, gr);
+    igrad_row_s2<-1, -1>(ne, no, gr);
+  }
+};
+
+// The NCHW backward once the BN sums are known (training: backward_act's sums pass first; eval:
+// k2 = k3 = 0 and the sums are taken here). Per (n, c) plane: recompute z from x in the phase
+// buffer, write gz = k1 * g + k2 * xhat + k3 into the input gradient's buffer, then the plane's
+// weight and bias gradient sums (wgrad_plane_t on the same phase buffer) and its input gradient.
+// gz never goes to memory; before, it was written, re-read by three more passes (gz_from_z, the
+// input and the weight gradient) and x was deinterleaved twice.
+template <typename T, int A>
+void backward_planes_impl(const ConvShape& s, const T* x, const T* w, const BwdParams<T>& p, const T* go, T* gx,
+                          double* gw, double* gb, double* sum_gy, double* sum_gyx) {
+  constexpr int64_t VL = V<T>::size();
+  const int64_t C = s.C, taps = s.taps();
+  const bool sums = sum_gy != nullptr;
+  if (sums) {
+    std::fill(sum_gy, sum_gy + C, 0.0);
+    std::fill(sum_gyx, sum_gyx + C, 0.0);
+  }
+  if (gw) {
+    std::fill(gw, gw + C * taps, 0.0);
+    std::fill(gb, gb + C, 0.0);
+  }
+  if (s.N == 0) return;
   const PlaneBuf d = plane_buf_dims(s, VL);
   const int64_t planes = s.N * C, hw = s.Ho * s.Wo;
   const std::vector<int64_t> off = plane_offsets(s, d);
-  std::vector<double> pw(planes * (taps + 1), 0.0);
-  at::parallel_for(0, planes, grain_for(hw * taps), [&](int64_t p0, int64_t p1) {
+  std::vector<double> pw(gw ? planes * (taps + 1) : 0), p1(sums ? planes : 0), p2(sums ? planes : 0);
+  at::parallel_for(0, planes, grain_for(3 * hw * taps), [&](int64_t q0, int64_t q1) {
     PlaneScratch<T> sc(s, d);
-    for (int64_t p = p0; p < p1; ++p) {
-      sc.fill(s, d, x + s.in_plane(p));
-      double* out = pw.data() + p * (taps + 1);
-      const T* g = gz + p * hw;
-      switch (taps) {
-        case 9: wgrad_plane_t<T, 9>(s, d, off.data(), sc.buf.data(), g, out); break;
-        case 25: wgrad_plane_t<T, 25>(s, d, off.data(), sc.buf.data(), g, out); break;
-        default: wgrad_plane_t<T, 0>(s, d, off.data(), sc.buf.data(), g, out); break;
+    InputGradPlane<T> ig(s);
+    const T* buf = sc.buf.data();
+    for (int64_t pl = q0; pl < q1; ++pl) {
+      const int64_t c = pl % C;
+      sc.fill(s, d, x + s.in_plane(pl));
+      const auto t = BnActGrad<T, A>::channel(p, c);
+      const T* gop = go + pl * hw;
+      double s1 = 0, s2 = 0;
+      V<T> v1(0), v2(0);
+      int64_t cur = 0;
+      nchw_conv_plane(s, d, off, buf, w + c * taps, [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
+        const V<T> xh = t.xhat(acc);
+        const V<T> g = t.g(load(gop + ho * s.Wo + wo, cnt), xh);
+        store(t.gz(g, xh), ig.gz_row(ho) + wo, cnt);
+        if (sums) {
+          if (ho >= cur + 16) {  // flush the vector sums to double every 16 rows
+            s1 += hsum(v1, VL);
+            s2 += hsum(v2, VL);
+            v1 = v2 = V<T>(0);
+            cur = ho;
+          }
+          const V<T> gm = V<T>::set(V<T>(0), g, cnt);  // lanes past the row end hold garbage
+          v1 = v1 + gm;
+          v2 = at::vec::fmadd(gm, xh, v2);
+        }
+      });
+      if (sums) {
+        p1[pl] = s1 + hsum(v1, VL);
+        p2[pl] = s2 + hsum(v2, VL);
       }
+      if (gw) {
+        double* out = pw.data() + pl * (taps + 1);
+        std::fill(out, out + taps + 1, 0.0);
+        const T* g = ig.gz_row(0);
+        switch (taps) {
+          case 9: wgrad_plane_t<T, 9>(s, d, off.data(), buf, g, ig.cols, out); break;
+          case 25: wgrad_plane_t<T, 25>(s, d, off.data(), buf, g, ig.cols, out); break;
+          default: wgrad_plane_t<T, 0>(s, d, off.data(), buf, g, ig.cols, out); break;
+        }
+      }
+      if (gx) ig.run(w + c * taps, gx + s.in_plane(pl));
     }
   });
+  // merged in a fixed order: the result does not depend on the threads' chunks
   for (int64_t n = 0; n < s.N; ++n)
     for (int64_t c = 0; c < C; ++c) {
-      const double* src = pw.data() + (n * C + c) * (taps + 1);
-      for (int64_t t = 0; t < taps; ++t) gw[c * taps + t] += src[t];
-      gb[c] += src[taps];
+      const int64_t pl = n * C + c;
+      if (sums) {
+        sum_gy[c] += p1[pl];
+        sum_gyx[c] += p2[pl];
+      }
+      if (gw) {
+        const double* src = pw.data() + pl * (taps + 1);
+        for (int64_t t = 0; t < taps; ++t) gw[c * taps + t] += src[t];
+        gb[c] += src[taps];
+      }
     }
+}
+
+template <typename T>
+void backward_planes(const ConvShape& s, Act a, const T* x, const T* w, const BwdParams<T>& p, const T* go, T* gx,
+                     double* gw, double* gb, double* sum_gy, double* sum_gyx) {
+  dispatch_act(a, [&](auto A) {
+    backward_planes_impl<T, decltype(A)::value>(s, x, w, p, go, gx, gw, gb, sum_gy, sum_gyx);
+  });
 }
 
 // ---- layout ----------------------------------------------------------------------------------
@@ -1267,8 +1385,9 @@ void forward_small_nchw(const ConvShape& s, Act a, const T* x, const T* w, const
 
 template <typename T>
 constexpr DWKernels<T> make_kernels() {
-  return DWKernels<T>{&forward<T>,        &scale_shift_act<T>, &backward_act<T>,        &gz_from_z<T>,
-                      &backward_input<T>, &backward_weight<T>, &transpose<T>, &forward_small_nchw<T>};
+  return DWKernels<T>{&forward<T>,         &scale_shift_act<T>, &backward_act<T>, &gz_from_z<T>,
+                      &backward_input<T>,  &backward_weight<T>, &backward_planes<T>, &transpose<T>,
+                      &forward_small_nchw<T>};
 }
 
 }  // namespace fastdw::cpu::CPU_CAPABILITY

@@ -33,12 +33,19 @@ struct DWKernels {
   // z itself instead (training's first pass, which needs the sums before the gradient exists).
   void (*backward_act)(const ConvShape&, Act, const T* x, const T* w, const BwdParams<T>& p, const T* grad_out,
                        T* out, double* sum_gy, double* sum_gy_xhat, bool store_z);
-  // zg holds z from backward_act(store_z); replaced in place by k1 * g + k2 * xhat + k3.
+  // NHWC only: zg holds z from backward_act(store_z); replaced in place by k1 * g + k2 * xhat + k3.
   void (*gz_from_z)(const ConvShape&, Act, const BwdParams<T>& p, const T* grad_out, T* zg);
-  // grad_input = conv_transpose(gz, w) (a gather, so threads never write the same element).
+  // NHWC only: grad_input = conv_transpose(gz, w) (a gather, so threads never write the same
+  // element).
   void (*backward_input)(const ConvShape&, const T* gz, const T* w, T* gx);
-  // grad_weight[c][tap] and grad_bias[c] as double sums over N, Ho, Wo (deterministic order).
+  // NHWC only: grad_weight[c][tap] and grad_bias[c] as double sums over N, Ho, Wo (deterministic
+  // order).
   void (*backward_weight)(const ConvShape&, const T* x, const T* gz, double* gw, double* gb);
+  // NCHW, after the sums (p holds the final k1, k2, k3): gz recomputed per plane and, without
+  // going to memory, gx (nullable), gw / gb (nullable, as backward_weight) and, if sum_gy is
+  // non-null, the sums of backward_act (eval, where gz does not depend on them).
+  void (*backward_planes)(const ConvShape&, Act, const T* x, const T* w, const BwdParams<T>& p, const T* grad_out,
+                          T* gx, double* gw, double* gb, double* sum_gy, double* sum_gy_xhat);
   // dst[n][j][i] = src[n][i][j] for n < N, i < R, j < Cols: NCHW <-> NHWC of dense tensors
   // (R = C, Cols = H*W one way; R = H*W, Cols = C the other).
   void (*transpose)(const T* src, T* dst, int64_t N, int64_t R, int64_t Cols);
