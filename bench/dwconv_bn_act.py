@@ -12,6 +12,7 @@ BatchNorm statistics are calibrated with a few training-mode batches; denormals 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 
@@ -98,13 +99,22 @@ def bench_train(shape, reps: int) -> dict[str, float]:
             model(inp_).backward(grad)
         return f
 
-    # correctness of the training step (grads of input and conv weight) before timing
+    # correctness of the training step (grads of input and conv weight) before timing. Where the
+    # pre-activation lies within float32 rounding of a ReLU6 kink (0 or 6), eager and fastdw may
+    # round to different sides and pass or stop that pixel's gradient: both are right. One such
+    # pixel moves 9 input-gradient elements by ~0.2; it happened in 3 of 65 fresh 8x144x56x56
+    # layers, and of the two compared with float64 one was eager's rounding, one fastdw's. Those
+    # pixels get no gradient in the check.
+    with torch.no_grad():
+        pre = copy.deepcopy(layer[:2])(x)
+    near_kink = (pre.abs() < 1e-4) | ((pre - 6).abs() < 1e-4)
+    grad_check = grad.masked_fill(near_kink, 0.0)
     for xx in (x, xcl):
         outs = []
         for model in (layer, fused):
             model.zero_grad()
             xi = xx.detach().requires_grad_()
-            model(xi).backward(grad)
+            model(xi).backward(grad_check)
             outs.append((xi.grad, layer[0].weight.grad.clone()))
         torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-3, atol=1e-2)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import random
 from dataclasses import dataclass, replace
 
@@ -873,10 +874,16 @@ def test_cpu_capabilities_agree(case):
         _C.set_cpu_capability(original)
     assert _C.cpu_capability() == original
     base_out, base_grads, base_stats = results[SUPPORTED_CAPABILITIES[0]]
+    terms = n * math.prod(case.out_hw())
     for cap, (out, grads, stats) in results.items():
         assert_close(out, base_out, what=f"{cap} output", tol=1e-5)
         for k in grads:
-            assert_close(grads[k], base_grads[k], what=f"{cap} grad {k}", tol=1e-5)
+            tol = 1e-5
+            if k == "bias" and case.training and case.bn != "none":
+                # BatchNorm on batch statistics cancels the conv bias: its gradient is 0 but for the
+                # rounding noise of a sum of N*Ho*Wo terms of either sign, which grows like sqrt(terms)
+                tol = 1e-5 * math.sqrt(terms)
+            assert_close(grads[k], base_grads[k], what=f"{cap} grad {k}", tol=tol)
         for k in stats:
             assert_close(stats[k], base_stats[k], what=f"{cap} {k}", tol=1e-5)
 

@@ -10,8 +10,8 @@
 // Backward: recomputes z from x (nothing but x and per-channel vectors is saved), applies the
 // activation derivative, reduces the BN parameter gradients, then the conv input and weight
 // gradients. NHWC: in training z waits in the buffer of the conv-output gradient gz until the sums
-// are known. NCHW: z is recomputed a second time per plane instead, and that plane's gz feeds
-// both gradients while it is in cache (gz is never stored).
+// are known. NCHW: one task per channel (training) or plane (eval); each plane's gz feeds both
+// gradients while it is in cache and is never stored (backward_planes).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -240,28 +240,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     const T* gop = go.const_data_ptr<T>();
     T* gxp = mask[0] ? gx.mutable_data_ptr<T>() : nullptr;
     const bool wgrad = mask[1] || mask[2];
-    // training: gz = k1 * (g - mean(g) - xhat * mean(g * xhat)) needs the sums over the whole batch
-    // first (k2, k3); in eval k2 = k3 = 0 and the sums come from the same pass as gz.
-    auto set_train_terms = [&] {
-      const double M = double(s.N * s.Ho * s.Wo);
-      for (int64_t c = 0; c < s.C; ++c) {
-        bn_train_terms(bn[c], sum_gy[c], sum_gyx[c], M);
-        k2t[c] = static_cast<T>(bn[c].k2);
-        k3t[c] = static_cast<T>(bn[c].k3);
-      }
-    };
     if (!s.cl) {
-      // NCHW: gz is recomputed per plane and used there (backward_planes), never stored.
-      if (training) {
-        k.backward_planes(s, act, xp, w.data(), p, gop, nullptr, nullptr, nullptr, sum_gy.data(), sum_gyx.data());
-        set_train_terms();
-        if (need_gz)
-          k.backward_planes(s, act, xp, w.data(), p, gop, gxp, wgrad ? dw.data() : nullptr, db.data(), nullptr,
-                            nullptr);
-      } else {
-        k.backward_planes(s, act, xp, w.data(), p, gop, gxp, wgrad ? dw.data() : nullptr, db.data(), sum_gy.data(),
-                          sum_gyx.data());
-      }
+      // NCHW: gz is recomputed per plane and used there, never stored; in training the kernel
+      // derives k2 / k3 per channel itself.
+      k.backward_planes(s, act, xp, w.data(), p, gop, gxp, wgrad ? dw.data() : nullptr, db.data(), sum_gy.data(),
+                        sum_gyx.data(), training);
       return;
     }
     at::Tensor gz = need_gz ? at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(fmt)) : at::Tensor();
@@ -274,7 +257,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
       // in place): gz from z, not a second conv.
       k.backward_act(s, act, xp, w.data(), p, gop, gzp, sum_gy.data(), sum_gyx.data(), need_gz);
       if (need_gz) {
-        set_train_terms();
+        const double M = double(s.N * s.Ho * s.Wo);
+        for (int64_t c = 0; c < s.C; ++c) {
+          bn_train_terms(bn[c], sum_gy[c], sum_gyx[c], M);
+          k2t[c] = static_cast<T>(bn[c].k2);
+          k3t[c] = static_cast<T>(bn[c].k3);
+        }
         k.gz_from_z(s, act, p, gop, gzp);
       }
     }

@@ -26,8 +26,19 @@
 
 namespace fastdw::cpu::CPU_CAPABILITY {
 
+// Sum of the first n lanes of v in double.
 template <typename T>
 inline double hsum(const V<T>& v, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (n == 16) {  // both halves widened to double, then a shuffle tree (no trip through memory)
+      const __m512 f = v;
+      const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
+      const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)));
+      return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+    }
+  }
+#endif
   alignas(64) T tmp[V<T>::size()];
   v.store(tmp);
   double s = 0;
@@ -981,7 +992,7 @@ inline void wgrad_row_fast(const ConvShape& s, const T* xn, const T* grow, int64
 }
 
 // NCHW, one plane in the phase buffer: sums over the plane of g * x for every tap (registers when
-// TAPS > 0), flushed to double every 16 rows. g: the plane's conv-output gradient, rows gs apart.
+// TAPS > 0), flushed to double every ~2048 pixels (every 16 rows cost 10% of the pass at 28x28). g: the plane's conv-output gradient, rows gs apart.
 template <typename T, int TAPS>
 inline void wgrad_plane_t(const ConvShape& s, const PlaneBuf& d, const int64_t* off, const T* buf, const T* g,
                           int64_t gs, double* out) {
@@ -998,6 +1009,7 @@ inline void wgrad_plane_t(const ConvShape& s, const PlaneBuf& d, const int64_t* 
     }
   };
   for (int64_t t = 0; t <= taps; ++t) acc[t] = V<T>(0);
+  const int64_t flush_rows = std::max<int64_t>(1, 2048 / s.Wo);  // ~2K pixels per float sum
   for (int64_t ho = 0; ho < s.Ho; ++ho) {
     const T* base = buf + ho * s.SH * d.cols;
     for (int64_t wo = 0; wo < s.Wo; wo += VL) {
@@ -1005,7 +1017,7 @@ inline void wgrad_plane_t(const ConvShape& s, const PlaneBuf& d, const int64_t* 
       for (int64_t t = 0; t < taps; ++t) acc[t] = at::vec::fmadd(gv, V<T>::loadu(base + off[t] + wo), acc[t]);
       acc[taps] = acc[taps] + gv;
     }
-    if ((ho & 15) == 15) flush();
+    if ((ho + 1) % flush_rows == 0) flush();
   }
   flush();
 }
@@ -1234,15 +1246,37 @@ struct InputGradPlane {
   }
 };
 
-// The NCHW backward once the BN sums are known (training: backward_act's sums pass first; eval:
-// k2 = k3 = 0 and the sums are taken here). Per (n, c) plane: recompute z from x in the phase
-// buffer, write gz = k1 * g + k2 * xhat + k3 into the input gradient's buffer, then the plane's
-// weight and bias gradient sums (wgrad_plane_t on the same phase buffer) and its input gradient.
-// gz never goes to memory; before, it was written, re-read by three more passes (gz_from_z, the
-// input and the weight gradient) and x was deinterleaved twice.
+// One row of n values of one NCHW channel: z (the conv output) -> xhat, g, and with store the
+// conv-output gradient k1 * g + k2 * xhat + k3 in place of z; with SUMS, v1 / v2 += g and g * xhat
+// (lanes past n add nothing).
+template <typename T, int A, bool SUMS>
+inline void bn_act_grad_line(const BnActGrad<T, A>& t, T* z, const T* go, int64_t n, bool store_gz, V<T>& v1,
+                             V<T>& v2) {
+  constexpr int64_t VL = V<T>::size();
+  for (int64_t i = 0; i < n; i += VL) {
+    const int64_t cnt = std::min(VL, n - i);
+    const V<T> xh = t.xhat(load(z + i, cnt));
+    const V<T> g = t.g(load(go + i, cnt), xh);
+    if (store_gz) store(t.gz(g, xh), z + i, cnt);
+    if constexpr (SUMS) {
+      const V<T> gm = cnt == VL ? g : V<T>::set(V<T>(0), g, cnt);
+      v1 = v1 + gm;
+      v2 = at::vec::fmadd(gm, xh, v2);
+    }
+  }
+}
+
+// The NCHW backward, one task per (n, c) plane (eval) or per channel (training), gz recomputed
+// from x in the phase buffer and used while in cache: the weight and bias gradient sums
+// (wgrad_plane_t on the same phase buffer) and the input gradient; gz never goes to memory.
+//  * eval (k2 = k3 = 0): one pass; the BN sums (if sum_gy) come from the same pass.
+//  * training: gz needs the sums over the whole channel first. Per channel: z of every plane and
+//    the sums, then k2 / k3, then per plane gz and the gradients. With N == 1 the plane's x and z
+//    are still in the buffers, so the conv runs once per backward; with N > 1 each plane is
+//    refilled and its conv recomputed (cheaper than keeping N planes of z).
 template <typename T, int A>
 void backward_planes_impl(const ConvShape& s, const T* x, const T* w, const BwdParams<T>& p, const T* go, T* gx,
-                          double* gw, double* gb, double* sum_gy, double* sum_gyx) {
+                          double* gw, double* gb, double* sum_gy, double* sum_gyx, bool training) {
   constexpr int64_t VL = V<T>::size();
   const int64_t C = s.C, taps = s.taps();
   const bool sums = sum_gy != nullptr;
@@ -1259,51 +1293,95 @@ void backward_planes_impl(const ConvShape& s, const T* x, const T* w, const BwdP
   const int64_t planes = s.N * C, hw = s.Ho * s.Wo;
   const std::vector<int64_t> off = plane_offsets(s, d);
   std::vector<double> pw(gw ? planes * (taps + 1) : 0), p1(sums ? planes : 0), p2(sums ? planes : 0);
-  at::parallel_for(0, planes, grain_for(3 * hw * taps), [&](int64_t q0, int64_t q1) {
-    PlaneScratch<T> sc(s, d);
-    InputGradPlane<T> ig(s);
-    const T* buf = sc.buf.data();
-    for (int64_t pl = q0; pl < q1; ++pl) {
-      const int64_t c = pl % C;
-      sc.fill(s, d, x + s.in_plane(pl));
-      const auto t = BnActGrad<T, A>::channel(p, c);
-      const T* gop = go + pl * hw;
-      double s1 = 0, s2 = 0;
-      V<T> v1(0), v2(0);
-      int64_t cur = 0;
-      nchw_conv_plane(s, d, off, buf, w + c * taps, [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
-        const V<T> xh = t.xhat(acc);
-        const V<T> g = t.g(load(gop + ho * s.Wo + wo, cnt), xh);
-        store(t.gz(g, xh), ig.gz_row(ho) + wo, cnt);
-        if (sums) {
-          if (ho >= cur + 16) {  // flush the vector sums to double every 16 rows
-            s1 += hsum(v1, VL);
-            s2 += hsum(v2, VL);
-            v1 = v2 = V<T>(0);
-            cur = ho;
-          }
-          const V<T> gm = V<T>::set(V<T>(0), g, cnt);  // lanes past the row end hold garbage
-          v1 = v1 + gm;
-          v2 = at::vec::fmadd(gm, xh, v2);
-        }
-      });
-      if (sums) {
-        p1[pl] = s1 + hsum(v1, VL);
-        p2[pl] = s2 + hsum(v2, VL);
-      }
-      if (gw) {
-        double* out = pw.data() + pl * (taps + 1);
-        std::fill(out, out + taps + 1, 0.0);
-        const T* g = ig.gz_row(0);
-        switch (taps) {
-          case 9: wgrad_plane_t<T, 9>(s, d, off.data(), buf, g, ig.cols, out); break;
-          case 25: wgrad_plane_t<T, 25>(s, d, off.data(), buf, g, ig.cols, out); break;
-          default: wgrad_plane_t<T, 0>(s, d, off.data(), buf, g, ig.cols, out); break;
-        }
-      }
-      if (gx) ig.run(w + c * taps, gx + s.in_plane(pl));
+  const bool grads = gx || gw;
+  const double M = double(s.N * hw);
+
+  struct Scratch {
+    PlaneScratch<T> sc;
+    InputGradPlane<T> ig;
+  };
+  // z of plane pl into the input gradient's buffer (x into the phase buffer on the way).
+  auto plane_z = [&](Scratch& sr, int64_t pl) {
+    sr.sc.fill(s, d, x + s.in_plane(pl));
+    nchw_conv_plane(s, d, off, sr.sc.buf.data(), w + (pl % C) * taps,
+                    [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) { store(acc, sr.ig.gz_row(ho) + wo, cnt); });
+  };
+  // A linear pass over the plane's z rows in L1 (in the conv's epilogue the seven coefficients and
+  // the sums were spilled to the stack: ~35% of the pass at 1x192x28x28): gz in place of z if
+  // store, the sums of g and g * xhat into p1 / p2[pl] if with_sums.
+  auto plane_act = [&](Scratch& sr, int64_t pl, const BnActGrad<T, A>& t, bool with_sums, bool store) {
+    const T* gop = go + pl * hw;
+    V<T> v1(0), v2(0);
+    if (!with_sums) {
+      for (int64_t ho = 0; ho < s.Ho; ++ho)
+        bn_act_grad_line<T, A, false>(t, sr.ig.gz_row(ho), gop + ho * s.Wo, s.Wo, store, v1, v2);
+      return;
     }
-  });
+    double s1 = 0, s2 = 0;
+    for (int64_t ho = 0, nv = 0; ho < s.Ho; ++ho) {
+      bn_act_grad_line<T, A, true>(t, sr.ig.gz_row(ho), gop + ho * s.Wo, s.Wo, store, v1, v2);
+      nv += (s.Wo + VL - 1) / VL;
+      if (nv >= 64 || ho == s.Ho - 1) {  // vector sums into double every ~64 vectors
+        s1 += hsum(v1, VL);
+        s2 += hsum(v2, VL);
+        v1 = v2 = V<T>(0);
+        nv = 0;
+      }
+    }
+    p1[pl] = s1;
+    p2[pl] = s2;
+  };
+  // The weight / bias gradient sums and the input gradient of plane pl from its gz.
+  auto plane_grads = [&](Scratch& sr, int64_t pl) {
+    if (gw) {
+      double* out = pw.data() + pl * (taps + 1);
+      std::fill(out, out + taps + 1, 0.0);
+      const T* buf = sr.sc.buf.data();
+      const T* g = sr.ig.gz_row(0);
+      switch (taps) {
+        case 9: wgrad_plane_t<T, 9>(s, d, off.data(), buf, g, sr.ig.cols, out); break;
+        case 25: wgrad_plane_t<T, 25>(s, d, off.data(), buf, g, sr.ig.cols, out); break;
+        default: wgrad_plane_t<T, 0>(s, d, off.data(), buf, g, sr.ig.cols, out); break;
+      }
+    }
+    if (gx) sr.ig.run(w + (pl % C) * taps, gx + s.in_plane(pl));
+  };
+
+  if (!training) {
+    at::parallel_for(0, planes, grain_for(3 * hw * taps), [&](int64_t q0, int64_t q1) {
+      Scratch sr{PlaneScratch<T>(s, d), InputGradPlane<T>(s)};
+      for (int64_t pl = q0; pl < q1; ++pl) {
+        plane_z(sr, pl);
+        plane_act(sr, pl, BnActGrad<T, A>::channel(p, pl % C), sums, grads);
+        if (grads) plane_grads(sr, pl);
+      }
+    });
+  } else {
+    at::parallel_for(0, C, grain_for(4 * s.N * hw * taps), [&](int64_t c0, int64_t c1) {
+      Scratch sr{PlaneScratch<T>(s, d), InputGradPlane<T>(s)};
+      for (int64_t c = c0; c < c1; ++c) {
+        auto t = BnActGrad<T, A>::channel(p, c);
+        double s1 = 0, s2 = 0;
+        for (int64_t n = 0; n < s.N; ++n) {
+          const int64_t pl = n * C + c;
+          plane_z(sr, pl);
+          plane_act(sr, pl, t, true, false);  // the sums only (z stays): gz needs them
+          s1 += p1[pl];
+          s2 += p2[pl];
+        }
+        if (!grads) continue;
+        const double k1 = p.k1[c];  // bn_train_terms with the kernel's k1
+        t.k2 = V<T>(static_cast<T>(-k1 * s2 / M));
+        t.k3 = V<T>(static_cast<T>(-k1 * s1 / M));
+        for (int64_t n = 0; n < s.N; ++n) {
+          const int64_t pl = n * C + c;
+          if (s.N > 1) plane_z(sr, pl);
+          plane_act(sr, pl, t, false, true);
+          plane_grads(sr, pl);
+        }
+      }
+    });
+  }
   // merged in a fixed order: the result does not depend on the threads' chunks
   for (int64_t n = 0; n < s.N; ++n)
     for (int64_t c = 0; c < C; ++c) {
@@ -1322,9 +1400,9 @@ void backward_planes_impl(const ConvShape& s, const T* x, const T* w, const BwdP
 
 template <typename T>
 void backward_planes(const ConvShape& s, Act a, const T* x, const T* w, const BwdParams<T>& p, const T* go, T* gx,
-                     double* gw, double* gb, double* sum_gy, double* sum_gyx) {
+                     double* gw, double* gb, double* sum_gy, double* sum_gyx, bool training) {
   dispatch_act(a, [&](auto A) {
-    backward_planes_impl<T, decltype(A)::value>(s, x, w, p, go, gx, gw, gb, sum_gy, sum_gyx);
+    backward_planes_impl<T, decltype(A)::value>(s, x, w, p, go, gx, gw, gb, sum_gy, sum_gyx, training);
   });
 }
 

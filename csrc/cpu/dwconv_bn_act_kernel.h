@@ -41,11 +41,12 @@ struct DWKernels {
   // NHWC only: grad_weight[c][tap] and grad_bias[c] as double sums over N, Ho, Wo (deterministic
   // order).
   void (*backward_weight)(const ConvShape&, const T* x, const T* gz, double* gw, double* gb);
-  // NCHW, after the sums (p holds the final k1, k2, k3): gz recomputed per plane and, without
-  // going to memory, gx (nullable), gw / gb (nullable, as backward_weight) and, if sum_gy is
-  // non-null, the sums of backward_act (eval, where gz does not depend on them).
+  // NCHW, the whole backward: gz recomputed per plane and, without going to memory, gx
+  // (nullable) and gw / gb (nullable, as backward_weight); sum_gy / sum_gy_xhat as backward_act
+  // (nullable in eval; in training required, and k2 / k3 of p are ignored: the kernel derives
+  // them per channel from the sums, as bn_train_terms).
   void (*backward_planes)(const ConvShape&, Act, const T* x, const T* w, const BwdParams<T>& p, const T* grad_out,
-                          T* gx, double* gw, double* gb, double* sum_gy, double* sum_gy_xhat);
+                          T* gx, double* gw, double* gb, double* sum_gy, double* sum_gy_xhat, bool training);
   // dst[n][j][i] = src[n][i][j] for n < N, i < R, j < Cols: NCHW <-> NHWC of dense tensors
   // (R = C, Cols = H*W one way; R = H*W, Cols = C the other).
   void (*transpose)(const T* src, T* dst, int64_t N, int64_t R, int64_t Cols);
