@@ -1115,9 +1115,9 @@ struct InputGradPlane {
   int64_t rows = 0, cols = 0, r0 = 0, c0 = 0;  // gz (ho, wo) at buf[(r0 + ho) * cols + c0 + wo]
   int64_t origin = 0;                          // stride 1: where the correlation's input starts
   std::vector<T> buf, wflip;
-  std::vector<int64_t> off, rk, ro;
+  std::vector<int64_t> off, rn, rk, ro;  // strided: input row hi's rn[hi] taps rk / ro[hi * KH + a]
   std::vector<std::vector<ColTap>> phase;  // strided: the column taps of each phase r < SW
-  std::vector<V<T>> wv;
+  std::vector<T> wv;  // a row's tap weights (scalars: storing broadcast vectors per row stalled)
   std::vector<const T*> pt;
 
   explicit InputGradPlane(const ConvShape& sh) : s(sh), unit(sh.SH == 1 && sh.SW == 1) {
@@ -1153,8 +1153,16 @@ struct InputGradPlane {
       rows = s.Ho;
       c0 = -dmin;
       cols = (c0 + std::max(s.Wo, J + dmax) + 2 * VL - 1) / VL * VL;
-      rk.resize(s.KH);
-      ro.resize(s.KH);
+      // the row taps of every input row, once per task (their divisions cost more than a
+      // 56-wide row's FMAs when done per plane)
+      rn.assign(s.H, 0);
+      rk.resize(s.H * s.KH);
+      ro.resize(s.H * s.KH);
+      for (int64_t hi = 0; hi < s.H; ++hi)
+        for_each_tap(hi, s.PH, s.DH, s.SH, s.KH, s.Ho, [&](int64_t kh, int64_t ho) {
+          rk[hi * s.KH + rn[hi]] = kh;
+          ro[hi * s.KH + rn[hi]++] = ho;
+        });
       wv.resize(2 * taps);
       pt.resize(2 * taps);
     }
@@ -1178,18 +1186,16 @@ struct InputGradPlane {
     const int64_t taps = s.taps();
     for (int64_t hi = 0; hi < s.H; ++hi) {
       T* gr = gxp + hi * s.W;
-      int64_t nr = 0;
-      for_each_tap(hi, s.PH, s.DH, s.SH, s.KH, s.Ho, [&](int64_t kh, int64_t ho) {
-        rk[nr] = kh;
-        ro[nr++] = ho;
-      });
+      const int64_t nr = rn[hi];
+      const int64_t* kh = rk.data() + hi * s.KH;
+      const int64_t* ho = ro.data() + hi * s.KH;
       // The weights and gz row pointers of phase r's taps in this row.
-      auto collect = [&](int64_t r, V<T>* w, const T** p) {
+      auto collect = [&](int64_t r, T* w, const T** p) {
         int64_t n = 0;
         for (int64_t a = 0; a < nr; ++a)
           for (const ColTap& ct : phase[r]) {
-            w[n] = V<T>(wc[rk[a] * s.KW + ct.kw]);
-            p[n++] = buf.data() + ro[a] * cols + c0 + ct.delta;
+            w[n] = wc[kh[a] * s.KW + ct.kw];
+            p[n++] = buf.data() + ho[a] * cols + c0 + ct.delta;
           }
         return n;
       };
@@ -1202,7 +1208,7 @@ struct InputGradPlane {
         const int64_t n = collect(r, wv.data(), pt.data()), J = (s.W - r + s.SW - 1) / s.SW;
         for (int64_t j = 0; j < J; j += VL) {
           V<T> acc(0);
-          for (int64_t t = 0; t < n; ++t) acc = at::vec::fmadd(wv[t], V<T>::loadu(pt[t] + j), acc);
+          for (int64_t t = 0; t < n; ++t) acc = at::vec::fmadd(V<T>(wv[t]), V<T>::loadu(pt[t] + j), acc);
           const int64_t cnt = std::min(VL, J - j);
           if (s.SW == 1) {
             store(acc, gr + j, cnt);
@@ -1220,15 +1226,32 @@ struct InputGradPlane {
   // time (-1: the runtime counts).
   template <int NE, int NO>
   void igrad_row_s2(int64_t ne, int64_t no, T* gr) const {
-    const int64_t me = NE >= 0 ? NE : ne, mo = NO >= 0 ? NO : no, taps = s.taps();
-    const V<T>* we = wv.data();
-    const V<T>* wo = wv.data() + taps;
-    const T* const* pe = pt.data();
-    const T* const* po = pt.data() + taps;
+    [[maybe_unused]] const int64_t me = NE >= 0 ? NE : ne, mo = NO >= 0 ? NO : no;
+    const int64_t taps = s.taps();
+    // compile-time counts: weights broadcast into registers and pointers copied once per row
+    constexpr int FE = NE > 0 ? NE : 1, FO = NO > 0 ? NO : 1;
+    V<T> we[FE], wo[FO];
+    const T* pe[FE];
+    const T* po[FO];
+    if constexpr (NE >= 0) {
+      for (int t = 0; t < NE; ++t) {
+        we[t] = V<T>(wv[t]);
+        pe[t] = pt[t];
+      }
+      for (int t = 0; t < NO; ++t) {
+        wo[t] = V<T>(wv[taps + t]);
+        po[t] = pt[taps + t];
+      }
+    }
     for (int64_t j = 0; 2 * j < s.W; j += VL) {
       V<T> e(0), o(0);
-      for (int64_t t = 0; t < me; ++t) e = at::vec::fmadd(we[t], V<T>::loadu(pe[t] + j), e);
-      for (int64_t t = 0; t < mo; ++t) o = at::vec::fmadd(wo[t], V<T>::loadu(po[t] + j), o);
+      if constexpr (NE >= 0) {
+        for (int t = 0; t < NE; ++t) e = at::vec::fmadd(we[t], V<T>::loadu(pe[t] + j), e);
+        for (int t = 0; t < NO; ++t) o = at::vec::fmadd(wo[t], V<T>::loadu(po[t] + j), o);
+      } else {
+        for (int64_t t = 0; t < me; ++t) e = at::vec::fmadd(V<T>(wv[t]), V<T>::loadu(pt[t] + j), e);
+        for (int64_t t = 0; t < mo; ++t) o = at::vec::fmadd(V<T>(wv[taps + t]), V<T>::loadu(pt[taps + t] + j), o);
+      }
       const auto lh = at::vec::interleave2(e, o);
       const int64_t n = s.W - 2 * j;
       store(lh.first, gr + 2 * j, std::min(VL, n));
