@@ -701,8 +701,9 @@ inline void bn_act_grad_row(const T* z, const T* go, T* out, int64_t W, int64_t 
 
 // NHWC (NCHW: backward_planes). One pass per call: recompute z = conv(x, w) (no bias: it is
 // inside p.a0), xhat = (z + a0) * a1, y = xhat * gamma + beta, g = grad_out * act'(y). If sums:
-// accumulate sum(g) and sum(g * xhat) per channel. If out: store k1 * g + k2 * xhat + k3 (the conv-output gradient; in eval k2 = k3 =
-// 0), or with store_z the conv output z itself, for gz_from_z to finish without a second conv.
+// accumulate sum(g) and sum(g * xhat) per channel. If out: store k1 * g + k2 * xhat + k3 (the
+// conv-output gradient; in eval k2 = k3 = 0), or with store_z the conv output z itself, for
+// gz_from_z to finish without a second conv.
 template <typename T, int A>
 void backward_act_impl(const ConvShape& s, const T* x, const T* w, const BwdParams<T>& p, const T* go, T* out,
                        double* sum_gy, double* sum_gyx, bool store_z) {
@@ -935,7 +936,7 @@ void backward_input(const ConvShape& s, const T* gz, const T* w, T* gx) {
   const int64_t C = s.C, taps = s.taps();
   if (s.N == 0) return;
   const int64_t OH = (s.KH - 1) * s.DH, OW = (s.KW - 1) * s.DW;
-  if (s.cl && s.SH == 1 && s.SW == 1 && OH >= s.PH && OW >= s.PW) {
+  if (s.SH == 1 && s.SW == 1 && OH >= s.PH && OW >= s.PW) {
     // Stride 1: grad_input = conv(gz, flipped w) with padding (K-1)*D - P: the forward kernel.
     ConvShape t = s;
     t.H = s.Ho; t.W = s.Wo; t.Ho = s.H; t.Wo = s.W; t.PH = OH - s.PH; t.PW = OW - s.PW;
@@ -992,7 +993,8 @@ inline void wgrad_row_fast(const ConvShape& s, const T* xn, const T* grow, int64
 }
 
 // NCHW, one plane in the phase buffer: sums over the plane of g * x for every tap (registers when
-// TAPS > 0), flushed to double every ~2048 pixels (every 16 rows cost 10% of the pass at 28x28). g: the plane's conv-output gradient, rows gs apart.
+// TAPS > 0), flushed to double every ~2048 pixels (every 16 rows cost 10% of the pass at 28x28).
+// g: the plane's conv-output gradient, rows gs apart.
 template <typename T, int TAPS>
 inline void wgrad_plane_t(const ConvShape& s, const PlaneBuf& d, const int64_t* off, const T* buf, const T* g,
                           int64_t gs, double* out) {
@@ -1393,9 +1395,10 @@ void backward_planes_impl(const ConvShape& s, const T* x, const T* w, const BwdP
           s2 += p2[pl];
         }
         if (!grads) continue;
-        const double k1 = p.k1[c];  // bn_train_terms with the kernel's k1
-        t.k2 = V<T>(static_cast<T>(-k1 * s2 / M));
-        t.k3 = V<T>(static_cast<T>(-k1 * s1 / M));
+        BnBackward bn{0.0, 0.0, static_cast<double>(p.k1[c]), 0.0, 0.0};  // the kernel's k1
+        bn_train_terms(bn, s1, s2, M);
+        t.k2 = V<T>(static_cast<T>(bn.k2));
+        t.k3 = V<T>(static_cast<T>(bn.k3));
         for (int64_t n = 0; n < s.N; ++n) {
           const int64_t pl = n * C + c;
           if (s.N > 1) plane_z(sr, pl);

@@ -27,7 +27,8 @@ struct DWKernels {
                   double* var);
   // out = act(out * scale[c] + shift[c]), in place.
   void (*scale_shift_act)(const ConvShape&, Act, T* out, const T* scale, const T* shift);
-  // Recompute z = conv(x, w), xhat = (z + a0) * a1, y = xhat * gamma + beta, g = grad_out * act'(y).
+  // NHWC only: recompute z = conv(x, w), xhat = (z + a0) * a1, y = xhat * gamma + beta,
+  // g = grad_out * act'(y).
   // out (nullable): k1 * g + k2 * xhat + k3, the conv-output gradient. sum_gy/sum_gy_xhat
   // (nullable): per-channel sums of g and g * xhat (the BN parameter gradients). store_z: out gets
   // z itself instead (training's first pass, which needs the sums before the gradient exists).
