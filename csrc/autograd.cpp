@@ -116,6 +116,8 @@ class DWConvBNActFn : public torch::autograd::Function<DWConvBNActFn> {
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["shuffle_groups"] = shuffle_groups;
     ctx->mark_non_differentiable({save_mean, save_var});
+    // The statistics never get a gradient: no zero tensors for them (the backward reads grads[0] only).
+    ctx->set_materialize_grads(false);
     return {out, save_mean, save_var};
   }
 

@@ -331,6 +331,15 @@ EDGE_CASES = [
     Case((2, 3, 9, 34), 5, stride=(1, 2), dilation=2, training=False, bias=True, activation="silu"),
     Case((2, 3, 9, 35), 3, stride=(2, 1), padding=3, training=True, activation="hardswish"),
     Case((2, 3, 8, 20), 3, padding=3, training=True, activation="relu"),
+    # NCHW small planes (C >= 8, <= 256 pixels) on slabs of 64 channels: one image in training (the
+    # sums pass's slabs reused), two blocks with a ragged one, and the input gradient's column runs,
+    # flipped conv with padding beyond the kernel and tap-list fallback on the slab
+    Case((1, 72, 9, 9), 3, stride=2, training=True, bias=True, activation="relu6"),
+    Case((3, 72, 6, 5), 5, training=True, activation="silu"),
+    Case((2, 12, 7, 8), 7, padding=7, training=True, bias=True, activation="relu"),
+    Case((2, 12, 7, 8), 3, padding=3, training=False, activation="hardswish"),
+    Case((2, 12, 13, 12), 9, stride=2, training=True, activation="hardswish"),
+    Case((2, 12, 13, 12), 9, stride=2, training=False, bias=True, bn="noaffine"),
 ]
 
 
@@ -364,11 +373,28 @@ def test_float32(case):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("training", [False, True])
-def test_small_nchw_planes_through_the_transpose(dtype, training):
-    """NCHW planes of <= 256 positions run on the channels_last kernel, reached by a blocked transpose
-    (64 x 64 tiles, 16 x 16 register blocks): several tiles along C and along H*W, ragged at both
-    edges, forward and backward (input, grad_out and grad_input are transposed)."""
+def test_small_nchw_planes_on_slabs(dtype, training):
+    """NCHW planes of <= 256 positions run on the channels_last kernels, on slabs of 64 channels
+    transposed inside the kernel (16 x 16 register blocks): several blocks along C and 16-blocks
+    along H*W, ragged at both edges, forward and backward (x and grad_out in, grad_input out)."""
     check_case(Case((2, 200, 13, 11), 3, training=training, bias=True, activation="hardswish"), dtype)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_small_nchw_planes_strided_view(training):
+    """A non-dense NCHW input with small planes takes a transposed copy instead of the slabs."""
+    case = Case((2, 40, 9, 9), 3, stride=2, training=training, bias=True, activation="relu6")
+    x = torch.randn(2, 80, 9, 9, dtype=torch.float64)[:, ::2]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    inp = inputs_for(case)
+    go = torch.randn(2, 40, *case.out_hw(), dtype=torch.float64)
+    f, r = inp.clone(), inp.clone()
+    f.x = r.x = x.detach().requires_grad_(True)
+    out, grads = run_op(case, f, "cpu", go)
+    ref_out, ref_grads = run_op(case, r, "reference", go)
+    assert_close(out, ref_out)
+    for k in ref_grads:
+        assert_close(grads[k], ref_grads[k], what=k)
 
 
 SUBSET_CASES = [
@@ -376,6 +402,9 @@ SUBSET_CASES = [
     Case((2, 6, 7, 7), 5, stride=2, training=False, bias=True, channels_last=True, activation="silu"),
     Case((2, 6, 7, 7), 3, training=True, bn="noaffine", channels_last=True, activation="hardswish"),
     Case((2, 6, 7, 7), 3, training=False, bn="none", activation="relu"),
+    # NCHW small planes on slabs (C >= 8)
+    Case((2, 20, 7, 7), 3, training=True, bias=True),
+    Case((2, 20, 9, 9), 3, stride=2, training=False, bias=True, activation="relu6"),
 ]
 
 
@@ -838,7 +867,7 @@ CAPABILITY_CASES = [
     Case((2, 19, 13, 11), 5, stride=2, dilation=2, training=True, channels_last=True, activation="hardswish"),
     Case((3, 21, 9, 23), 3, stride=2, training=False, bias=True, activation="relu6"),
     Case((3, 21, 9, 23), (3, 5), training=False, channels_last=True, bn="noaffine", activation="relu"),
-    # NCHW small planes run on the NHWC kernels through transposes: whole 16 x 16 blocks only
+    # NCHW small planes run on the NHWC kernels on transposed slabs: whole 16 x 16 blocks only
     # (C = 32, 8x8 planes) here; the cases above have partial blocks too.
     Case((2, 32, 8, 8), 3, training=True, activation="relu6"),
     Case((2, 32, 8, 8), 3, training=False, activation="relu6"),

@@ -11,7 +11,8 @@
 // activation derivative, reduces the BN parameter gradients, then the conv input and weight
 // gradients. NHWC: in training z waits in the buffer of the conv-output gradient gz until the sums
 // are known. NCHW: one task per channel (training) or plane (eval); each plane's gz feeds both
-// gradients while it is in cache and is never stored (backward_planes).
+// gradients while it is in cache and is never stored (backward_planes); small planes the same way
+// on slabs of 64 channels (backward_small_nchw).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -81,8 +82,9 @@ std::vector<int64_t> shuffle_sources(int64_t C, int64_t g) {
 }
 
 // Small NCHW planes (MobileNet's 7x7 and 14x14 layers) waste most of each vector along W and pay
-// a per-plane setup; there the channels_last kernel on a transposed copy is faster, transposes
-// included (the tensors are small). The result is returned in NCHW as usual.
+// a per-plane setup; there the channels_last kernels run instead: on slabs of 64 channels
+// transposed inside the kernel (forward_small_nchw, backward_small_nchw) when x is dense, else on
+// a transposed copy. The result is returned in NCHW as usual.
 bool use_nhwc_for_small_planes(const ConvShape& s, int64_t shuffle_groups) {
   return !s.cl && shuffle_groups == 1 && s.H * s.W <= 256 && s.C >= 8;
 }
@@ -127,8 +129,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
   check_dwconv_forward(s, mean, var, training);
   const std::vector<int64_t> src = shuffle_sources(s.C, shuffle_groups);
   const bool nchw_as_nhwc = use_nhwc_for_small_planes(s, shuffle_groups);
-  // eval on dense NCHW small planes: the NHWC kernel over transposed slabs, in one pass
-  const bool slabs = nchw_as_nhwc && !training && x.is_contiguous();
+  // dense NCHW small planes: the NHWC kernel over transposed slabs, x and out stay NCHW
+  const bool slabs = nchw_as_nhwc && x.is_contiguous();
   if (nchw_as_nhwc) s.cl = true;
   const bool has_stats = defined(mean);
   const bool normalises = training || has_stats;
@@ -151,8 +153,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
       std::vector<double> bm(s.C), bv(s.C);
       const std::vector<T> w = weights<T>(s, weight, scale);
       const std::vector<T> bt = cast<T>(b);
-      k.forward(s, Act::None, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>(), bm.data(),
-                bv.data());
+      if (slabs)
+        k.forward_small_nchw(s, Act::None, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>(),
+                             bm.data(), bv.data());
+      else
+        k.forward(s, Act::None, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>(), bm.data(),
+                  bv.data());
       for (int64_t c = 0; c < s.C; ++c) {
         scale[c] = bn_scale(g[c], bv[c], eps);
         shift[c] = bn_shift(0.0, bm[c], scale[c], beta[c]);
@@ -160,7 +166,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
         save_var.mutable_data_ptr<T>()[c] = static_cast<T>(bv[c]);
       }
       const std::vector<T> sc = cast<T>(scale), sh = cast<T>(shift);
-      k.scale_shift_act(s, act, out.mutable_data_ptr<T>(), sc.data(), sh.data());
+      ConvShape so = s;
+      so.cl = fmt == at::MemoryFormat::ChannelsLast;  // out's layout (slabs: NCHW)
+      k.scale_shift_act(so, act, out.mutable_data_ptr<T>(), sc.data(), sh.data());
       return;
     }
     std::vector<double> fb(b);
@@ -174,7 +182,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
     const std::vector<T> w = weights<T>(s, weight, scale);
     const std::vector<T> bt = cast<T>(fb);
     if (slabs)
-      k.forward_small_nchw(s, act, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>());
+      k.forward_small_nchw(s, act, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>(), nullptr,
+                           nullptr);
     else
       k.forward(s, act, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>(), nullptr, nullptr);
   });
@@ -193,17 +202,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   check_dwconv_backward(s, grad_out, mean, training);
   const std::vector<int64_t> src = shuffle_sources(s.C, shuffle_groups);
   const bool nchw_as_nhwc = use_nhwc_for_small_planes(s, shuffle_groups);
+  // dense NCHW small planes: on transposed slabs inside the kernel, the tensors stay NCHW
+  const bool slabs = nchw_as_nhwc && x.is_contiguous();
   if (nchw_as_nhwc) s.cl = true;
   const bool has_stats = defined(mean) && mean->numel() > 0;
   const bool normalises = training || has_stats;
-  const auto fmt = s.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto fmt = s.cl && !slabs ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const bool shuffle_copy = shuffle_groups > 1 && s.cl;
   at::Tensor xc = shuffle_copy ? shuffled(x, shuffle_groups, fmt) : relayout(x, fmt);
   if (shuffle_groups > 1 && !s.cl) s.chan_src = src.data();
   at::Tensor go = relayout(grad_out.to(x.scalar_type()), fmt);
   at::Tensor gx = mask[0] ? at::empty_like(xc, x.options().memory_format(fmt)) : at::empty({0}, x.options());
-  at::Tensor gw = at::empty({mask[1] ? s.C : 0}, x.options());
-  at::Tensor gb, gbw, gbb;
 
   const std::vector<double> b = as_doubles(bias, s.C, 0.0);
   const std::vector<double> g = as_doubles(bn_weight, s.C, 1.0);
@@ -240,11 +249,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     const T* gop = go.const_data_ptr<T>();
     T* gxp = mask[0] ? gx.mutable_data_ptr<T>() : nullptr;
     const bool wgrad = mask[1] || mask[2];
-    if (!s.cl) {
-      // NCHW: gz is recomputed per plane and used there, never stored; in training the kernel
-      // derives k2 / k3 per channel itself.
-      k.backward_planes(s, act, xp, w.data(), p, gop, gxp, wgrad ? dw.data() : nullptr, db.data(), sum_gy.data(),
-                        sum_gyx.data(), training);
+    if (!s.cl || slabs) {
+      // NCHW: gz is recomputed per plane (or slab) and used there, never stored; in training the
+      // kernel derives k2 / k3 per channel itself.
+      (slabs ? k.backward_small_nchw : k.backward_planes)(s, act, xp, w.data(), p, gop, gxp,
+                                                          wgrad ? dw.data() : nullptr, db.data(), sum_gy.data(),
+                                                          sum_gyx.data(), training);
       return;
     }
     at::Tensor gz = need_gz ? at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(fmt)) : at::Tensor();
@@ -269,16 +279,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     if (mask[0]) k.backward_input(s, gz.const_data_ptr<T>(), w.data(), gxp);
     if (wgrad) k.backward_weight(s, xp, gz.const_data_ptr<T>(), dw.data(), db.data());
   });
+  // The double sums rounded once into a tensor of the parameter's dtype (directly: at::tensor, reshape
+  // and a dtype copy were ~12 us of a batch-1 backward).
   auto to_tensor = [&](const std::vector<double>& v, at::IntArrayRef shape, at::ScalarType dt) {
-    return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).reshape(shape).to(dt);
+    at::Tensor t = at::empty(shape, x.options().dtype(dt));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "fastdw_grad_tensor", [&] {
+      scalar_t* p = t.mutable_data_ptr<scalar_t>();
+      for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<scalar_t>(v[i]);
+    });
+    return t;
   };
-  gw = mask[1] ? to_tensor(dw, weight.sizes(), weight.scalar_type()) : at::empty({0}, x.options());
-  gb = mask[2] && bias.has_value() ? to_tensor(db, {s.C}, bias->scalar_type()) : at::empty({0}, x.options());
-  gbw = mask[3] && bn_weight.has_value() ? to_tensor(sum_gyx, {s.C}, bn_weight->scalar_type())
-                                         : at::empty({0}, x.options());
-  gbb = mask[4] && bn_bias.has_value() ? to_tensor(sum_gy, {s.C}, bn_bias->scalar_type()) : at::empty({0}, x.options());
-  if (nchw_as_nhwc && mask[0]) gx = relayout(gx, at::MemoryFormat::Contiguous);
-  if (!mask[0]) gx = at::empty({0}, x.options());
+  auto none = [&] { return at::empty({0}, x.options()); };  // separate tensors: outputs must not alias
+  const at::Tensor gw = mask[1] ? to_tensor(dw, weight.sizes(), weight.scalar_type()) : none();
+  const at::Tensor gb = mask[2] && bias.has_value() ? to_tensor(db, {s.C}, bias->scalar_type()) : none();
+  const at::Tensor gbw = mask[3] && bn_weight.has_value() ? to_tensor(sum_gyx, {s.C}, bn_weight->scalar_type()) : none();
+  const at::Tensor gbb = mask[4] && bn_bias.has_value() ? to_tensor(sum_gy, {s.C}, bn_bias->scalar_type()) : none();
+  if (nchw_as_nhwc && !slabs && mask[0]) gx = relayout(gx, at::MemoryFormat::Contiguous);
+  if (!mask[0]) gx = none();
   else if (shuffle_copy) {
     // gx holds the gradient of the shuffled copy: un-shuffle (the inverse is a shuffle by C / g).
     gx = shuffled(gx, s.C / shuffle_groups, fmt);

@@ -495,6 +495,18 @@ inline double plane_moment(const T* p, int64_t n, T k) {
   return total;
 }
 
+// The per-channel mean and biased variance from per-(image, channel) parts of hw values each:
+// Chan's merge over the images in order (the result does not depend on the threads' chunks).
+inline void merge_image_stats(int64_t N, int64_t C, int64_t hw, const double* pmean, const double* pm2, double* mean,
+                              double* var) {
+  for (int64_t c = 0; c < C; ++c) {
+    double n = 0, m = 0, m2 = 0;
+    for (int64_t i = 0; i < N; ++i) chan_merge(n, m, m2, double(hw), pmean[i * C + c], pm2[i * C + c]);
+    mean[c] = m;
+    var[c] = n > 0 ? m2 / n : 0.0;
+  }
+}
+
 template <typename T, int A>
 void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out, double* mean, double* var) {
   constexpr int64_t VL = V<T>::size();
@@ -596,14 +608,7 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
       pm2[p] = std::max(0.0, m2 - double(hw) * shift * shift);
     }
   });
-  if (stats) {
-    for (int64_t c = 0; c < C; ++c) {
-      double n = 0, m = 0, m2 = 0;
-      for (int64_t in = 0; in < s.N; ++in) chan_merge(n, m, m2, double(hw), pmean[in * C + c], pm2[in * C + c]);
-      mean[c] = m;
-      var[c] = n > 0 ? m2 / n : 0.0;
-    }
-  }
+  if (stats) merge_image_stats(s.N, C, hw, pmean.data(), pm2.data(), mean, var);
 }
 
 template <typename T>
@@ -839,123 +844,123 @@ inline void bwd_input_run(const ConvShape& s, const T* const* gzr, const TapList
   }
 }
 
-// Any stride and tap count: walks the tap lists per pixel (the fallback of the run kernel below,
-// for more than 4 taps per input row or column).
+// NHWC input gradient, one input row at a time: the whole-tensor backward_input below, and the
+// small-plane NCHW backward on its slabs. Three ways, chosen once per shape:
+//  * stride 1 with padding <= (K - 1) * D: conv(gz, flipped w) with padding (K-1)*D - P on the
+//    forward's row kernel;
+//  * other strides: the column runs of bwd_input_run;
+//  * more than 4 taps per input row or column: the tap lists walked per pixel.
 template <typename T>
-void backward_input_nhwc_any(const ConvShape& s, const T* gz, const T* w, T* gx) {
-  constexpr int64_t VL = V<T>::size();
-  const int64_t C = s.C, taps = s.taps();
-  // The (tap, output index) lists of every input column, once per call; rows per task.
-  auto taps_for = [](int64_t i, int64_t P, int64_t D, int64_t S, int64_t K, int64_t O,
-                     std::vector<std::pair<int64_t, int64_t>>& out) {
-    out.clear();
-    for_each_tap(i, P, D, S, K, O, [&](int64_t k, int64_t o) { out.emplace_back(k, o); });
-  };
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> col(s.W);
-  for (int64_t wi = 0; wi < s.W; ++wi) taps_for(wi, s.PW, s.DW, s.SW, s.KW, s.Wo, col[wi]);
-  at::parallel_for(0, s.N * s.H, grain_for(s.W * C * taps), [&](int64_t r0, int64_t r1) {
-    std::vector<std::pair<int64_t, int64_t>> rowt;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / s.H, hi = r % s.H;
-      taps_for(hi, s.PH, s.DH, s.SH, s.KH, s.Ho, rowt);
-      T* gr = gx + r * s.W * C;
-      const T* gzn = gz + n * s.Ho * s.Wo * C;
-      for (int64_t wi = 0; wi < s.W; ++wi) {
-        for (int64_t c = 0; c < C; c += VL) {
-          const int64_t cnt = std::min(VL, C - c);
-          V<T> acc(0);
-          for (auto [kh, ho] : rowt)
-            for (auto [kw, wo] : col[wi])
-              acc = at::vec::fmadd(load(w + (kh * s.KW + kw) * C + c, cnt), load(gzn + (ho * s.Wo + wo) * C + c, cnt),
-                                   acc);
-          store(acc, gr + wi * C + c, cnt);
-        }
-      }
-    }
-  });
-}
-
-template <typename T>
-void backward_input_strided_nhwc(const ConvShape& s, const T* gz, const T* w, T* gx) {
-  const int64_t C = s.C;
-  // Column runs, once per call.
+struct NhwcInputGrad {
+  using Taps = std::vector<std::pair<int64_t, int64_t>>;  // (tap, output index)
+  ConvShape s, t;  // t: the flipped conv (stride 1)
+  bool flip = false, use_runs = true;
+  std::vector<T> wf;  // stride 1: the flipped weights [taps][C]
+  const T* w = nullptr;
   std::vector<ColRun> runs;
-  bool ok = true;
-  for (int64_t r0 = 0; r0 < std::min(s.SW, s.W) && ok; ++r0) {
-    for (int64_t wi = r0; wi < s.W && ok; wi += s.SW) {
-      TapList t;
-      ok = taps_at(wi, s.PW, s.DW, s.SW, s.KW, s.Wo, t);
-      ColRun* last = runs.empty() ? nullptr : &runs.back();
-      bool same = last && last->wi0 % s.SW == r0 && last->col.n == t.n;
-      for (int b = 0; same && b < t.n; ++b) same = last->col.k[b] == t.k[b];
-      if (same) {
-        ++last->len;
-      } else {
-        runs.push_back({wi, 1, t});
-      }
-    }
-  }
-  std::vector<TapList> rows(s.H);  // the same for every image of the batch
-  for (int64_t hi = 0; hi < s.H && ok; ++hi) ok = taps_at(hi, s.PH, s.DH, s.SH, s.KH, s.Ho, rows[hi]);
-  if (!ok) {
-    backward_input_nhwc_any(s, gz, w, gx);
-    return;
-  }
-  at::parallel_for(0, s.N * s.H, grain_for(s.W * C * s.taps() / std::max<int64_t>(1, s.SH * s.SW)),
-                   [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / s.H;
-      const TapList& row = rows[r % s.H];
-      T* gr = gx + r * s.W * C;
-      const T* gzn = gz + n * s.Ho * s.Wo * C;
-      const T* gzr[4];
-      for (int a = 0; a < row.n; ++a) gzr[a] = gzn + row.o[a] * s.Wo * C;
-      for (const ColRun& run : runs) {
-        const int nr = row.n, nk = run.col.n;
-        if (nr == 0 || nk == 0) {
-          for (int64_t j = 0; j < run.len; ++j) std::memset(gr + (run.wi0 + j * s.SW) * C, 0, sizeof(T) * C);
-        } else if (nr == 1 && nk == 1) {
-          bwd_input_run<T, 1, 1>(s, gzr, row, run, w, gr);
-        } else if (nr == 1 && nk == 2) {
-          bwd_input_run<T, 1, 2>(s, gzr, row, run, w, gr);
-        } else if (nr == 2 && nk == 1) {
-          bwd_input_run<T, 2, 1>(s, gzr, row, run, w, gr);
-        } else if (nr == 2 && nk == 2) {
-          bwd_input_run<T, 2, 2>(s, gzr, row, run, w, gr);
-        } else {
-          bwd_input_run<T, 0, 0>(s, gzr, row, run, w, gr);
-        }
-      }
-    }
-  });
-}
+  std::vector<TapList> rows;  // per input row (the same for every image)
+  std::vector<Taps> row_taps, col_taps;  // the per-pixel fallback
 
-// NHWC (NCHW: backward_planes).
-template <typename T>
-void backward_input(const ConvShape& s, const T* gz, const T* w, T* gx) {
-  const int64_t C = s.C, taps = s.taps();
-  if (s.N == 0) return;
-  const int64_t OH = (s.KH - 1) * s.DH, OW = (s.KW - 1) * s.DW;
-  if (s.SH == 1 && s.SW == 1 && OH >= s.PH && OW >= s.PW) {
-    // Stride 1: grad_input = conv(gz, flipped w) with padding (K-1)*D - P: the forward kernel.
-    ConvShape t = s;
-    t.H = s.Ho; t.W = s.Wo; t.Ho = s.H; t.Wo = s.W; t.PH = OH - s.PH; t.PW = OW - s.PW;
-    std::vector<T> wf(taps * C);
+  explicit NhwcInputGrad(const ConvShape& shape) : s(shape), t(shape) {
+    const int64_t OH = (s.KH - 1) * s.DH, OW = (s.KW - 1) * s.DW;
+    flip = s.SH == 1 && s.SW == 1 && OH >= s.PH && OW >= s.PW;
+    if (flip) {
+      t.H = s.Ho; t.W = s.Wo; t.Ho = s.H; t.Wo = s.W; t.PH = OH - s.PH; t.PW = OW - s.PW;
+      return;
+    }
+    for (int64_t r0 = 0; r0 < std::min(s.SW, s.W) && use_runs; ++r0) {
+      for (int64_t wi = r0; wi < s.W && use_runs; wi += s.SW) {
+        TapList tl;
+        use_runs = taps_at(wi, s.PW, s.DW, s.SW, s.KW, s.Wo, tl);
+        ColRun* last = runs.empty() ? nullptr : &runs.back();
+        bool same = last && last->wi0 % s.SW == r0 && last->col.n == tl.n;
+        for (int b = 0; same && b < tl.n; ++b) same = last->col.k[b] == tl.k[b];
+        if (same) ++last->len;
+        else runs.push_back({wi, 1, tl});
+      }
+    }
+    rows.resize(s.H);
+    for (int64_t hi = 0; hi < s.H && use_runs; ++hi) use_runs = taps_at(hi, s.PH, s.DH, s.SH, s.KH, s.Ho, rows[hi]);
+    if (use_runs) return;
+    auto lists = [](int64_t i, int64_t P, int64_t D, int64_t S, int64_t K, int64_t O, Taps& out) {
+      for_each_tap(i, P, D, S, K, O, [&](int64_t k, int64_t o) { out.emplace_back(k, o); });
+    };
+    row_taps.resize(s.H);
+    col_taps.resize(s.W);
+    for (int64_t hi = 0; hi < s.H; ++hi) lists(hi, s.PH, s.DH, s.SH, s.KH, s.Ho, row_taps[hi]);
+    for (int64_t wi = 0; wi < s.W; ++wi) lists(wi, s.PW, s.DW, s.SW, s.KW, s.Wo, col_taps[wi]);
+  }
+
+  // The weights, [taps][C] for C channels (the slabs of the small-plane backward change C).
+  void set_weights(const T* weights, int64_t C) {
+    s.C = t.C = C;
+    w = weights;
+    if (!flip) return;
+    wf.resize(s.taps() * C);
     for (int64_t kh = 0; kh < s.KH; ++kh)
       for (int64_t kw = 0; kw < s.KW; ++kw)
         std::memcpy(wf.data() + ((s.KH - 1 - kh) * s.KW + (s.KW - 1 - kw)) * C, w + (kh * s.KW + kw) * C,
                     sizeof(T) * C);
-    at::parallel_for(0, s.N * s.H, grain_for(s.W * C * taps), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        T* gr = gx + r * s.W * C;
-        nhwc_conv_row(t, gz, wf.data(), r / s.H, r % s.H, [&](int64_t wi, int64_t c, int64_t cnt, V<T> acc) {
-          store(acc, gr + wi * C + c, cnt);
-        });
-      }
-    });
-    return;
   }
-  backward_input_strided_nhwc(s, gz, w, gx);
+
+  // Multiply-adds per input row, for the grain of a parallel loop over rows.
+  int64_t row_work() const { return s.W * s.C * s.taps() / (flip ? 1 : std::max<int64_t>(1, s.SH * s.SW)); }
+
+  // Row (n, hi) of gx from gz (both NHWC with s's sizes).
+  void row(const T* gz, T* gx, int64_t n, int64_t hi) const {
+    const int64_t C = s.C;
+    T* gr = gx + (n * s.H + hi) * s.W * C;
+    if (flip) {
+      nhwc_conv_row(t, gz, wf.data(), n, hi,
+                    [&](int64_t wi, int64_t c, int64_t cnt, V<T> acc) { store(acc, gr + wi * C + c, cnt); });
+      return;
+    }
+    const T* gzn = gz + n * s.Ho * s.Wo * C;
+    if (!use_runs) {
+      constexpr int64_t VL = V<T>::size();
+      for (int64_t wi = 0; wi < s.W; ++wi)
+        for (int64_t c = 0; c < C; c += VL) {
+          const int64_t cnt = std::min(VL, C - c);
+          V<T> acc(0);
+          for (auto [kh, ho] : row_taps[hi])
+            for (auto [kw, wo] : col_taps[wi])
+              acc = at::vec::fmadd(load(w + (kh * s.KW + kw) * C + c, cnt), load(gzn + (ho * s.Wo + wo) * C + c, cnt),
+                                   acc);
+          store(acc, gr + wi * C + c, cnt);
+        }
+      return;
+    }
+    const TapList& rt = rows[hi];
+    const T* gzr[4];
+    for (int a = 0; a < rt.n; ++a) gzr[a] = gzn + rt.o[a] * s.Wo * C;
+    for (const ColRun& run : runs) {
+      const int nr = rt.n, nk = run.col.n;
+      if (nr == 0 || nk == 0) {
+        for (int64_t j = 0; j < run.len; ++j) std::memset(gr + (run.wi0 + j * s.SW) * C, 0, sizeof(T) * C);
+      } else if (nr == 1 && nk == 1) {
+        bwd_input_run<T, 1, 1>(s, gzr, rt, run, w, gr);
+      } else if (nr == 1 && nk == 2) {
+        bwd_input_run<T, 1, 2>(s, gzr, rt, run, w, gr);
+      } else if (nr == 2 && nk == 1) {
+        bwd_input_run<T, 2, 1>(s, gzr, rt, run, w, gr);
+      } else if (nr == 2 && nk == 2) {
+        bwd_input_run<T, 2, 2>(s, gzr, rt, run, w, gr);
+      } else {
+        bwd_input_run<T, 0, 0>(s, gzr, rt, run, w, gr);
+      }
+    }
+  }
+};
+
+// NHWC (NCHW: backward_planes).
+template <typename T>
+void backward_input(const ConvShape& s, const T* gz, const T* w, T* gx) {
+  if (s.N == 0) return;
+  NhwcInputGrad<T> ig(s);
+  ig.set_weights(w, s.C);
+  at::parallel_for(0, s.N * s.H, grain_for(ig.row_work()), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) ig.row(gz, gx, r / s.H, r % s.H);
+  });
 }
 
 // ---- backward: weight and bias gradients -----------------------------------------------------
@@ -1024,20 +1029,54 @@ inline void wgrad_plane_t(const ConvShape& s, const PlaneBuf& d, const int64_t* 
   flush();
 }
 
+// NHWC: the weight and bias gradient sums of output row (n, ho) added to rw [taps][C] and rb [C]
+// (in T; the caller flushes them to double).
+template <typename T>
+inline void wgrad_row(const ConvShape& s, const T* x, const T* grow, int64_t n, int64_t ho, T* rw, T* rb) {
+  constexpr int64_t VL = V<T>::size();
+  const int64_t C = s.C;
+  const int64_t wlo = std::min(s.Wo, (s.PW + s.SW - 1) / s.SW);
+  const int64_t num = s.W - 1 - (s.KW - 1) * s.DW + s.PW;
+  const int64_t whi = num < 0 ? wlo : std::max(wlo, std::min(s.Wo, num / s.SW + 1));
+  const int64_t hi0 = ho * s.SH - s.PH;
+  int64_t kh0, kh1;
+  tap_range(hi0, s.DH, s.KH, s.H, kh0, kh1);
+  const T* xn = x + n * s.H * s.W * C;
+  auto slow = [&](int64_t wo) {
+    const int64_t wi0 = wo * s.SW - s.PW;
+    int64_t kw0, kw1;
+    tap_range(wi0, s.DW, s.KW, s.W, kw0, kw1);
+    for (int64_t c = 0; c < C; c += VL) {
+      const int64_t cnt = std::min(VL, C - c);
+      const V<T> g = load(grow + wo * C + c, cnt);
+      store(load(rb + c, cnt) + g, rb + c, cnt);
+      for (int64_t kh = kh0; kh < kh1; ++kh) {
+        const T* xr = xn + ((hi0 + kh * s.DH) * s.W + wi0) * C + c;
+        T* wr = rw + kh * s.KW * C + c;
+        for (int64_t kw = kw0; kw < kw1; ++kw)
+          store(at::vec::fmadd(g, load(xr + kw * s.DW * C, cnt), load(wr + kw * C, cnt)), wr + kw * C, cnt);
+      }
+    }
+  };
+  if (s.KH == s.KW && (s.KH == 3 || s.KH == 5)) {
+    for (int64_t wo = 0; wo < wlo; ++wo) slow(wo);
+    if (s.KH == 3) wgrad_row_fast<T, 3>(s, xn, grow, hi0, kh0, kh1, wlo, whi, rw, rb);
+    else wgrad_row_fast<T, 5>(s, xn, grow, hi0, kh0, kh1, wlo, whi, rw, rb);
+    for (int64_t wo = whi; wo < s.Wo; ++wo) slow(wo);
+  } else {
+    for (int64_t wo = 0; wo < s.Wo; ++wo) slow(wo);
+  }
+}
+
 // NHWC (NCHW: backward_planes).
 template <typename T>
 void backward_weight(const ConvShape& s, const T* x, const T* gz, double* gw, double* gb) {
-  constexpr int64_t VL = V<T>::size();
   const int64_t C = s.C, taps = s.taps();
   std::fill(gw, gw + C * taps, 0.0);
   std::fill(gb, gb + C, 0.0);
   if (s.N == 0) return;
   const int nt = at::get_num_threads();
   std::vector<double> tw(nt * taps * C, 0.0), tb(nt * C, 0.0);
-  const bool square = s.KH == s.KW && (s.KH == 3 || s.KH == 5);
-  const int64_t wlo = std::min(s.Wo, (s.PW + s.SW - 1) / s.SW);
-  const int64_t num = s.W - 1 - (s.KW - 1) * s.DW + s.PW;
-  const int64_t whi = num < 0 ? wlo : std::max(wlo, std::min(s.Wo, num / s.SW + 1));
   // Sums in T over ~256 output pixels (several rows of a small map), then added to the thread's
   // double sums: flushing every row cost a memset and a double add of taps * C values per row,
   // as much as the row itself at 7x7.
@@ -1053,36 +1092,7 @@ void backward_weight(const ConvShape& s, const T* x, const T* gz, double* gw, do
       std::fill(rb.begin(), rb.end(), T(0));
     };
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / s.Ho, ho = r % s.Ho;
-      const int64_t hi0 = ho * s.SH - s.PH;
-      int64_t kh0, kh1;
-      tap_range(hi0, s.DH, s.KH, s.H, kh0, kh1);
-      const T* xn = x + n * s.H * s.W * C;
-      const T* grow = gz + r * s.Wo * C;
-      auto slow = [&](int64_t wo) {
-        const int64_t wi0 = wo * s.SW - s.PW;
-        int64_t kw0, kw1;
-        tap_range(wi0, s.DW, s.KW, s.W, kw0, kw1);
-        for (int64_t c = 0; c < C; c += VL) {
-          const int64_t cnt = std::min(VL, C - c);
-          const V<T> g = load(grow + wo * C + c, cnt);
-          store(load(rb.data() + c, cnt) + g, rb.data() + c, cnt);
-          for (int64_t kh = kh0; kh < kh1; ++kh) {
-            const T* xr = xn + ((hi0 + kh * s.DH) * s.W + wi0) * C + c;
-            T* wr = rw.data() + kh * s.KW * C + c;
-            for (int64_t kw = kw0; kw < kw1; ++kw)
-              store(at::vec::fmadd(g, load(xr + kw * s.DW * C, cnt), load(wr + kw * C, cnt)), wr + kw * C, cnt);
-          }
-        }
-      };
-      if (square) {
-        for (int64_t wo = 0; wo < wlo; ++wo) slow(wo);
-        if (s.KH == 3) wgrad_row_fast<T, 3>(s, xn, grow, hi0, kh0, kh1, wlo, whi, rw.data(), rb.data());
-        else wgrad_row_fast<T, 5>(s, xn, grow, hi0, kh0, kh1, wlo, whi, rw.data(), rb.data());
-        for (int64_t wo = whi; wo < s.Wo; ++wo) slow(wo);
-      } else {
-        for (int64_t wo = 0; wo < s.Wo; ++wo) slow(wo);
-      }
+      wgrad_row(s, x, gz + r * s.Wo * C, r / s.Ho, r % s.Ho, rw.data(), rb.data());
       if ((r - r0) % flush_rows == flush_rows - 1 || r == r1 - 1) flush();
     }
   });
@@ -1291,6 +1301,26 @@ inline void bn_act_grad_line(const BnActGrad<T, A>& t, T* z, const T* go, int64_
   }
 }
 
+// The per-(image, channel) partial sums of an NCHW backward added into its outputs in a fixed
+// order (the result does not depend on the threads' chunks): p1 / p2 (nullable) into sum_gy /
+// sum_gyx, pw (nullable; taps + 1 values per part, the bias last) into gw / gb.
+inline void merge_image_grads(int64_t N, int64_t C, int64_t taps, const double* p1, const double* p2, const double* pw,
+                              double* sum_gy, double* sum_gyx, double* gw, double* gb) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t pl = n * C + c;
+      if (p1) {
+        sum_gy[c] += p1[pl];
+        sum_gyx[c] += p2[pl];
+      }
+      if (pw) {
+        const double* src = pw + pl * (taps + 1);
+        for (int64_t t = 0; t < taps; ++t) gw[c * taps + t] += src[t];
+        gb[c] += src[taps];
+      }
+    }
+}
+
 // The NCHW backward, one task per (n, c) plane (eval) or per channel (training), gz recomputed
 // from x in the phase buffer and used while in cache: the weight and bias gradient sums
 // (wgrad_plane_t on the same phase buffer) and the input gradient; gz never goes to memory.
@@ -1408,20 +1438,8 @@ void backward_planes_impl(const ConvShape& s, const T* x, const T* w, const BwdP
       }
     });
   }
-  // merged in a fixed order: the result does not depend on the threads' chunks
-  for (int64_t n = 0; n < s.N; ++n)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t pl = n * C + c;
-      if (sums) {
-        sum_gy[c] += p1[pl];
-        sum_gyx[c] += p2[pl];
-      }
-      if (gw) {
-        const double* src = pw.data() + pl * (taps + 1);
-        for (int64_t t = 0; t < taps; ++t) gw[c * taps + t] += src[t];
-        gb[c] += src[taps];
-      }
-    }
+  merge_image_grads(s.N, C, taps, sums ? p1.data() : nullptr, p2.data(), gw ? pw.data() : nullptr, sum_gy, sum_gyx,
+                    gw, gb);
 }
 
 template <typename T>
@@ -1451,47 +1469,213 @@ void transpose(const T* src, T* dst, int64_t N, int64_t R, int64_t Cols) {
   });
 }
 
+// ---- small NCHW planes on NHWC slabs ----------------------------------------------------------
+
+// The planes of one (image, channel block) of an NCHW tensor, transposed to and from an NHWC slab
+// of cb channels that stays in L1/L2; the NHWC row kernels run on the slab (u: s with N = 1,
+// C = cb).
+template <typename T>
+struct Slab {
+  static constexpr int64_t CB = 4 * V<T>::size();  // one channel group of nhwc_conv_group_t
+  const ConvShape& s;
+  int64_t nb;  // channel blocks
+  ConvShape u;
+  Slab(const ConvShape& shape) : s(shape), nb((shape.C + CB - 1) / CB), u(shape) {
+    u.N = 1;
+    u.cl = true;
+    u.chan_src = nullptr;
+  }
+  int64_t c0(int64_t b) const { return b * CB; }
+  int64_t width(int64_t b) const { return std::min(CB, s.C - b * CB); }
+  // planes [cb][HW] of image n from channel c0 -> slab [HW][cb]
+  static void in(const T* t, int64_t C, int64_t HW, int64_t n, int64_t c0, int64_t cb, T* slab) {
+    transpose_tile<T>(t + (n * C + c0) * HW, HW, slab, cb, static_cast<int>(cb), static_cast<int>(HW));
+  }
+  // slab [HW][cb] -> planes [cb][HW]
+  static void out(const T* slab, int64_t C, int64_t HW, int64_t n, int64_t c0, int64_t cb, T* t) {
+    transpose_tile<T>(slab, cb, t + (n * C + c0) * HW, HW, static_cast<int>(HW), static_cast<int>(cb));
+  }
+  // The weights of block [c0, c0 + cb) from w [taps][C] into wsl [taps][cb].
+  void weights(const T* w, int64_t c0, int64_t cb, T* wsl) const {
+    for (int64_t k = 0; k < s.taps(); ++k) std::memcpy(wsl + k * cb, w + k * s.C + c0, sizeof(T) * cb);
+  }
+};
+
+// Forward of NCHW x / out with small planes, per (image, channel block): the planes transposed into
+// a slab, convolved by the NHWC row kernel, transposed back. With mean / var (training, A = None):
+// out = z + b, and the per-channel mean and biased variance of out in double (per slab: sums about
+// the first row's mean; Chan's merge over the images in order). w in the NHWC layout [taps][C].
 template <typename T, int A>
-void forward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out) {
-  constexpr int64_t CB = 4 * V<T>::size();
-  const int64_t C = s.C, HW = s.H * s.W, HWo = s.Ho * s.Wo, taps = s.taps(), nb = (C + CB - 1) / CB;
-  if (s.N == 0) return;
-  at::parallel_for(0, s.N * nb, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> xin(HW * CB), yout(HWo * CB), wsl(taps * CB);
+void forward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out, double* mean,
+                             double* var) {
+  const Slab<T> sl(s);
+  const int64_t C = s.C, HW = s.H * s.W, HWo = s.Ho * s.Wo, CB = Slab<T>::CB;
+  const bool stats = mean != nullptr;
+  if (s.N == 0) {
+    if (stats) for (int64_t c = 0; c < C; ++c) mean[c] = var[c] = 0;
+    return;
+  }
+  std::vector<double> pmean(stats ? s.N * C : 0), pm2(stats ? s.N * C : 0);
+  at::parallel_for(0, s.N * sl.nb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> xin(HW * CB), yout(HWo * CB), wsl(s.taps() * CB), zero(CB, T(0)), shift(CB), s1(CB), s2(CB);
+    ConvShape u = sl.u;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = t / nb, c0 = (t % nb) * CB, cb = std::min(CB, C - c0);
-      // planes [cb][HW] -> slab [HW][cb]
-      transpose_tile<T>(x + (n * C + c0) * HW, HW, xin.data(), cb, static_cast<int>(cb),
-                                static_cast<int>(HW));
-      for (int64_t k = 0; k < taps; ++k) std::memcpy(wsl.data() + k * cb, w + k * C + c0, sizeof(T) * cb);
-      ConvShape u = s;
-      u.N = 1;
+      const int64_t n = t / sl.nb, c0 = sl.c0(t % sl.nb), cb = sl.width(t % sl.nb);
       u.C = cb;
-      u.cl = true;
-      u.chan_src = nullptr;
+      Slab<T>::in(x, C, HW, n, c0, cb, xin.data());
+      sl.weights(w, c0, cb, wsl.data());
       for (int64_t ho = 0; ho < s.Ho; ++ho) {
         T* orow = yout.data() + ho * s.Wo * cb;
         nhwc_conv_row(u, xin.data(), wsl.data(), 0, ho, [&](int64_t wo, int64_t c, int64_t cnt, V<T> acc) {
           store(act_fwd<A>(acc + load(b + c0 + c, cnt)), orow + wo * cb + c, cnt);
         });
       }
-      // slab [HWo][cb] -> planes [cb][HWo]
-      transpose_tile<T>(yout.data(), cb, out + (n * C + c0) * HWo, HWo, static_cast<int>(HWo),
-                                static_cast<int>(cb));
+      if (stats) {
+        // the slab is one "row" of HWo pixels for row_moments, shifted by its first row's mean
+        row_moments(yout.data(), s.Wo, cb, zero.data(), s1.data(), s2.data());
+        for (int64_t c = 0; c < cb; ++c) shift[c] = s1[c] / T(s.Wo);
+        row_moments(yout.data(), HWo, cb, shift.data(), s1.data(), s2.data());
+        for (int64_t c = 0; c < cb; ++c) {
+          const double d1 = s1[c], d2 = s2[c];
+          pmean[n * C + c0 + c] = double(shift[c]) + d1 / double(HWo);
+          pm2[n * C + c0 + c] = std::max(0.0, d2 - d1 * d1 / double(HWo));
+        }
+      }
+      Slab<T>::out(yout.data(), C, HWo, n, c0, cb, out);
     }
   });
+  if (stats) merge_image_stats(s.N, C, HWo, pmean.data(), pm2.data(), mean, var);
 }
 
 template <typename T>
-void forward_small_nchw(const ConvShape& s, Act a, const T* x, const T* w, const T* b, T* out) {
-  dispatch_act(a, [&](auto A) { forward_small_nchw_impl<T, decltype(A)::value>(s, x, w, b, out); });
+void forward_small_nchw(const ConvShape& s, Act a, const T* x, const T* w, const T* b, T* out, double* mean,
+                        double* var) {
+  dispatch_act(a, [&](auto A) { forward_small_nchw_impl<T, decltype(A)::value>(s, x, w, b, out, mean, var); });
+}
+
+// The backward of NCHW tensors with small planes on slabs, one task per channel block (all images):
+// per image, x and grad_out transposed into slabs, z recomputed by the NHWC row kernel, then the
+// BN / activation gradient over the slab (bn_act_grad_row), the weight gradient rows (wgrad_row)
+// and the input gradient rows (NhwcInputGrad) on the slabs, and the input gradient transposed out.
+// Training: the block's sums over all images first, then k2 / k3 (as backward_planes); with N == 1
+// the slabs of the sums pass are reused, so the conv runs once. Arguments as backward_planes, but
+// w in the NHWC layout [taps][C].
+template <typename T, int A>
+void backward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const BwdParams<T>& p, const T* go, T* gx,
+                              double* gw, double* gb, double* sum_gy, double* sum_gyx, bool training) {
+  const Slab<T> sl(s);
+  const int64_t C = s.C, HW = s.H * s.W, HWo = s.Ho * s.Wo, CB = Slab<T>::CB, taps = s.taps();
+  const bool sums = sum_gy != nullptr;
+  if (sums) {
+    std::fill(sum_gy, sum_gy + C, 0.0);
+    std::fill(sum_gyx, sum_gyx + C, 0.0);
+  }
+  if (gw) {
+    std::fill(gw, gw + C * taps, 0.0);
+    std::fill(gb, gb + C, 0.0);
+  }
+  if (s.N == 0) return;
+  const bool grads = gx || gw;
+  const double M = double(s.N * HWo);
+  // per (image, channel) partial sums, merged in a fixed order at the end
+  std::vector<double> p1(sums ? s.N * C : 0), p2(sums ? s.N * C : 0), pw(gw ? s.N * C * (taps + 1) : 0);
+  at::parallel_for(0, sl.nb, grain_for(4 * s.N * HWo * CB * taps), [&](int64_t b0, int64_t b1) {
+    std::vector<T> xs(HW * CB), zs(HWo * CB), gos(HWo * CB), gxs(gx ? HW * CB : 0), wsl(taps * CB);
+    std::vector<T> k2(CB, T(0)), k3(CB, T(0)), r1(CB), r2(CB), rw(gw ? taps * CB : 0), rb(gw ? CB : 0);
+    NhwcInputGrad<T> ig(sl.u);
+    ConvShape u = sl.u;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = sl.c0(b), cb = sl.width(b);
+      u.C = cb;
+      sl.weights(w, c0, cb, wsl.data());
+      if (gx) ig.set_weights(wsl.data(), cb);
+      const BwdParams<T> pb{p.a1 + c0, p.a0 + c0, p.gamma + c0, p.beta + c0, p.k1 + c0,
+                            training ? k2.data() : p.k2 + c0, training ? k3.data() : p.k3 + c0};
+      // z of image n into zs (x and grad_out into their slabs on the way)
+      auto slab_z = [&](int64_t n) {
+        Slab<T>::in(x, C, HW, n, c0, cb, xs.data());
+        Slab<T>::in(go, C, HWo, n, c0, cb, gos.data());
+        for (int64_t ho = 0; ho < s.Ho; ++ho) {
+          T* zr = zs.data() + ho * s.Wo * cb;
+          nhwc_conv_row(u, xs.data(), wsl.data(), 0, ho,
+                        [&](int64_t wo, int64_t c, int64_t cnt, V<T> acc) { store(acc, zr + wo * cb + c, cnt); });
+        }
+      };
+      auto keep_sums = [&](int64_t n) {
+        for (int64_t c = 0; c < cb; ++c) {
+          p1[n * C + c0 + c] = r1[c];
+          p2[n * C + c0 + c] = r2[c];
+        }
+      };
+      // gz (in zs) -> the weight / bias gradient sums and the input gradient of image n
+      auto slab_grads = [&](int64_t n) {
+        if (gw) {
+          std::fill(rw.begin(), rw.end(), T(0));
+          std::fill(rb.begin(), rb.end(), T(0));
+          for (int64_t ho = 0; ho < s.Ho; ++ho)
+            wgrad_row(u, xs.data(), zs.data() + ho * s.Wo * cb, 0, ho, rw.data(), rb.data());
+          double* dst = pw.data() + (n * C + c0) * (taps + 1);
+          for (int64_t c = 0; c < cb; ++c) {
+            for (int64_t k = 0; k < taps; ++k) dst[c * (taps + 1) + k] = rw[k * cb + c];
+            dst[c * (taps + 1) + taps] = rb[c];
+          }
+        }
+        if (gx) {
+          for (int64_t hi = 0; hi < s.H; ++hi) ig.row(zs.data(), gxs.data(), 0, hi);
+          Slab<T>::out(gxs.data(), C, HW, n, c0, cb, gx);
+        }
+      };
+      if (!training) {
+        for (int64_t n = 0; n < s.N; ++n) {
+          slab_z(n);
+          bn_act_grad_row<T, A>(zs.data(), gos.data(), grads ? zs.data() : nullptr, HWo, cb, pb,
+                                sums ? r1.data() : nullptr, r2.data());
+          if (sums) keep_sums(n);
+          if (grads) slab_grads(n);
+        }
+        continue;
+      }
+      std::vector<double> d1(cb, 0.0), d2(cb, 0.0);
+      for (int64_t n = 0; n < s.N; ++n) {
+        slab_z(n);
+        bn_act_grad_row<T, A>(zs.data(), gos.data(), nullptr, HWo, cb, pb, r1.data(), r2.data());
+        keep_sums(n);
+        for (int64_t c = 0; c < cb; ++c) {
+          d1[c] += r1[c];
+          d2[c] += r2[c];
+        }
+      }
+      if (!grads) continue;
+      for (int64_t c = 0; c < cb; ++c) {
+        BnBackward bn{0.0, 0.0, static_cast<double>(p.k1[c0 + c]), 0.0, 0.0};  // the kernel's k1
+        bn_train_terms(bn, d1[c], d2[c], M);
+        k2[c] = static_cast<T>(bn.k2);
+        k3[c] = static_cast<T>(bn.k3);
+      }
+      for (int64_t n = 0; n < s.N; ++n) {
+        if (s.N > 1) slab_z(n);
+        bn_act_grad_row<T, A>(zs.data(), gos.data(), zs.data(), HWo, cb, pb, nullptr, nullptr);
+        slab_grads(n);
+      }
+    }
+  });
+  merge_image_grads(s.N, C, taps, sums ? p1.data() : nullptr, p2.data(), gw ? pw.data() : nullptr, sum_gy, sum_gyx,
+                    gw, gb);
+}
+
+template <typename T>
+void backward_small_nchw(const ConvShape& s, Act a, const T* x, const T* w, const BwdParams<T>& p, const T* go,
+                         T* gx, double* gw, double* gb, double* sum_gy, double* sum_gyx, bool training) {
+  dispatch_act(a, [&](auto A) {
+    backward_small_nchw_impl<T, decltype(A)::value>(s, x, w, p, go, gx, gw, gb, sum_gy, sum_gyx, training);
+  });
 }
 
 template <typename T>
 constexpr DWKernels<T> make_kernels() {
   return DWKernels<T>{&forward<T>,         &scale_shift_act<T>, &backward_act<T>, &gz_from_z<T>,
                       &backward_input<T>,  &backward_weight<T>, &backward_planes<T>, &transpose<T>,
-                      &forward_small_nchw<T>};
+                      &forward_small_nchw<T>, &backward_small_nchw<T>};
 }
 
 }  // namespace fastdw::cpu::CPU_CAPABILITY

@@ -51,10 +51,16 @@ struct DWKernels {
   // dst[n][j][i] = src[n][i][j] for n < N, i < R, j < Cols: NCHW <-> NHWC of dense tensors
   // (R = C, Cols = H*W one way; R = H*W, Cols = C the other).
   void (*transpose)(const T* src, T* dst, int64_t N, int64_t R, int64_t Cols);
-  // Eval forward of NCHW x / out with small planes on the NHWC row kernel: per (image, 64-channel
+  // Forward of NCHW x / out with small planes on the NHWC row kernel: per (image, 64-channel
   // block) the planes are transposed into an L1/L2-resident slab, convolved, and transposed back.
-  // w in the NHWC layout [taps][C].
-  void (*forward_small_nchw)(const ConvShape&, Act, const T* x, const T* w, const T* b, T* out);
+  // w in the NHWC layout [taps][C]. mean / var as forward (training; act None).
+  void (*forward_small_nchw)(const ConvShape&, Act, const T* x, const T* w, const T* b, T* out, double* mean,
+                             double* var);
+  // The backward of NCHW tensors with small planes on such slabs: arguments as backward_planes,
+  // but w in the NHWC layout [taps][C].
+  void (*backward_small_nchw)(const ConvShape&, Act, const T* x, const T* w, const BwdParams<T>& p,
+                              const T* grad_out, T* gx, double* gw, double* gb, double* sum_gy, double* sum_gy_xhat,
+                              bool training);
 };
 
 struct DWKernelTable {
