@@ -22,6 +22,7 @@ from torch import nn
 
 import fastdw
 from fastdw.bench import timing
+from fastdw.bench.ops import near_kinks
 
 # (N, C, H, W, stride): the anchors of ../shared/ANCHORS.md plus the rest of MobileNetV2's dw layers.
 SHAPES = [
@@ -99,16 +100,10 @@ def bench_train(shape, reps: int) -> dict[str, float]:
             model(inp_).backward(grad)
         return f
 
-    # correctness of the training step (grads of input and conv weight) before timing. Where the
-    # pre-activation lies within float32 rounding of a ReLU6 kink (0 or 6), eager and fastdw may
-    # round to different sides and pass or stop that pixel's gradient: both are right. One such
-    # pixel moves 9 input-gradient elements by ~0.2; it happened in 3 of 65 fresh 8x144x56x56
-    # layers, and of the two compared with float64 one was eager's rounding, one fastdw's. Those
-    # pixels get no gradient in the check.
+    # correctness of the training step (grads of input and conv weight) before timing; no gradient
+    # where the pre-activation is within float32 rounding of a ReLU6 kink (fastdw.bench.ops.near_kinks)
     with torch.no_grad():
-        pre = copy.deepcopy(layer[:2])(x)
-    near_kink = (pre.abs() < 1e-4) | ((pre - 6).abs() < 1e-4)
-    grad_check = grad.masked_fill(near_kink, 0.0)
+        grad_check = grad.masked_fill(near_kinks(copy.deepcopy(layer[:2])(x), "relu6"), 0.0)
     for xx in (x, xcl):
         outs = []
         for model in (layer, fused):

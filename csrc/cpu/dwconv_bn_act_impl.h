@@ -1301,6 +1301,18 @@ inline void bn_act_grad_line(const BnActGrad<T, A>& t, T* z, const T* go, int64_
   }
 }
 
+// Zeroes the outputs of an NCHW backward that are present (sum_gy / sum_gyx, gw / gb: nullable).
+inline void clear_backward_sums(int64_t C, int64_t taps, double* sum_gy, double* sum_gyx, double* gw, double* gb) {
+  if (sum_gy) {
+    std::fill(sum_gy, sum_gy + C, 0.0);
+    std::fill(sum_gyx, sum_gyx + C, 0.0);
+  }
+  if (gw) {
+    std::fill(gw, gw + C * taps, 0.0);
+    std::fill(gb, gb + C, 0.0);
+  }
+}
+
 // The per-(image, channel) partial sums of an NCHW backward added into its outputs in a fixed
 // order (the result does not depend on the threads' chunks): p1 / p2 (nullable) into sum_gy /
 // sum_gyx, pw (nullable; taps + 1 values per part, the bias last) into gw / gb.
@@ -1335,14 +1347,7 @@ void backward_planes_impl(const ConvShape& s, const T* x, const T* w, const BwdP
   constexpr int64_t VL = V<T>::size();
   const int64_t C = s.C, taps = s.taps();
   const bool sums = sum_gy != nullptr;
-  if (sums) {
-    std::fill(sum_gy, sum_gy + C, 0.0);
-    std::fill(sum_gyx, sum_gyx + C, 0.0);
-  }
-  if (gw) {
-    std::fill(gw, gw + C * taps, 0.0);
-    std::fill(gb, gb + C, 0.0);
-  }
+  clear_backward_sums(C, taps, sum_gy, sum_gyx, gw, gb);
   if (s.N == 0) return;
   const PlaneBuf d = plane_buf_dims(s, VL);
   const int64_t planes = s.N * C, hw = s.Ho * s.Wo;
@@ -1566,14 +1571,7 @@ void backward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const 
   const Slab<T> sl(s);
   const int64_t C = s.C, HW = s.H * s.W, HWo = s.Ho * s.Wo, CB = Slab<T>::CB, taps = s.taps();
   const bool sums = sum_gy != nullptr;
-  if (sums) {
-    std::fill(sum_gy, sum_gy + C, 0.0);
-    std::fill(sum_gyx, sum_gyx + C, 0.0);
-  }
-  if (gw) {
-    std::fill(gw, gw + C * taps, 0.0);
-    std::fill(gb, gb + C, 0.0);
-  }
+  clear_backward_sums(C, taps, sum_gy, sum_gyx, gw, gb);
   if (s.N == 0) return;
   const bool grads = gx || gw;
   const double M = double(s.N * HWo);
