@@ -72,7 +72,8 @@ def test_near_kinks_marks_only_the_kinks(act) -> None:
     """The training checks drop the gradient only next to the activation's kinks."""
     from fastdw.bench.ops import near_kinks
 
-    pre = torch.tensor([-6.0, -3.0, -3.00005, -1.0, 0.0, 5e-5, -5e-5, 1.0, 2.99995, 3.0, 4.0, 6.0, 6.00005, 7.0])
+    pre = torch.tensor([-6.0, -3.0, -3.00005, -1.0, 0.0, 5e-5, -5e-5, 1.0, 2.99995, 3.0, 4.0, 6.0, 6.00005,
+                        7.0])
     want = {"relu": [0.0, 5e-5, -5e-5], "relu6": [0.0, 5e-5, -5e-5, 6.0, 6.00005],
             "hardswish": [-3.0, -3.00005, 2.99995, 3.0], "none": []}[act]
     assert sorted(pre[near_kinks(pre, act)].tolist()) == sorted(torch.tensor(want).tolist())
