@@ -340,6 +340,8 @@ EDGE_CASES = [
     Case((2, 12, 7, 8), 3, padding=3, training=False, activation="hardswish"),
     Case((2, 12, 13, 12), 9, stride=2, training=True, activation="hardswish"),
     Case((2, 12, 13, 12), 9, stride=2, training=False, bias=True, bn="noaffine"),
+    Case((0, 16, 5, 5), 3, training=True, bias=True, activation="relu6"),  # batch 0 on the slab path
+    Case((0, 16, 5, 5), 3, training=False, activation="silu"),
 ]
 
 
