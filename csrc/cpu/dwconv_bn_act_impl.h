@@ -1485,7 +1485,7 @@ struct Slab {
   const ConvShape& s;
   int64_t nb;  // channel blocks
   ConvShape u;
-  Slab(const ConvShape& shape) : s(shape), nb((shape.C + CB - 1) / CB), u(shape) {
+  explicit Slab(const ConvShape& shape) : s(shape), nb((shape.C + CB - 1) / CB), u(shape) {
     u.N = 1;
     u.cl = true;
     u.chan_src = nullptr;
@@ -1516,11 +1516,7 @@ void forward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const T
   const Slab<T> sl(s);
   const int64_t C = s.C, HW = s.H * s.W, HWo = s.Ho * s.Wo, CB = Slab<T>::CB;
   const bool stats = mean != nullptr;
-  if (s.N == 0) {
-    if (stats) for (int64_t c = 0; c < C; ++c) mean[c] = var[c] = 0;
-    return;
-  }
-  std::vector<double> pmean(stats ? s.N * C : 0), pm2(stats ? s.N * C : 0);
+  std::vector<double> pmean(stats ? s.N * C : 0), pm2(stats ? s.N * C : 0);  // N = 0: no task, stats 0
   at::parallel_for(0, s.N * sl.nb, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> xin(HW * CB), yout(HWo * CB), wsl(s.taps() * CB), zero(CB, T(0)), shift(CB), s1(CB), s2(CB);
     ConvShape u = sl.u;
@@ -1633,20 +1629,20 @@ void backward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const 
         }
         continue;
       }
-      std::vector<double> d1(cb, 0.0), d2(cb, 0.0);
       for (int64_t n = 0; n < s.N; ++n) {
         slab_z(n);
         bn_act_grad_row<T, A>(zs.data(), gos.data(), nullptr, HWo, cb, pb, r1.data(), r2.data());
         keep_sums(n);
-        for (int64_t c = 0; c < cb; ++c) {
-          d1[c] += r1[c];
-          d2[c] += r2[c];
-        }
       }
       if (!grads) continue;
       for (int64_t c = 0; c < cb; ++c) {
+        double d1 = 0, d2 = 0;  // the channel's sums over the images, in order
+        for (int64_t n = 0; n < s.N; ++n) {
+          d1 += p1[n * C + c0 + c];
+          d2 += p2[n * C + c0 + c];
+        }
         BnBackward bn{0.0, 0.0, static_cast<double>(p.k1[c0 + c]), 0.0, 0.0};  // the kernel's k1
-        bn_train_terms(bn, d1[c], d2[c], M);
+        bn_train_terms(bn, d1, d2, M);
         k2[c] = static_cast<T>(bn.k2);
         k3[c] = static_cast<T>(bn.k3);
       }
