@@ -4,6 +4,9 @@ its Markdown, JSON and PNG files; fastdw's results are checked against eager ins
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -77,3 +80,33 @@ def test_near_kinks_marks_only_the_kinks(act) -> None:
     want = {"relu": [0.0, 5e-5, -5e-5], "relu6": [0.0, 5e-5, -5e-5, 6.0, 6.00005],
             "hardswish": [-3.0, -3.00005, 2.99995, 3.0], "none": []}[act]
     assert sorted(pre[near_kinks(pre, act)].tolist()) == sorted(torch.tensor(want).tolist())
+
+
+_FAULTS = """
+import resource, sys, torch
+from fastdw.bench import timing
+kept = timing.keep_heap()
+def faults():
+    a = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(1 << 23).add_(1)  # 32 MiB allocated, written and freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - a
+faults()
+print(kept, min(faults() for _ in range(6)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize("glibc_default", [False, True])
+def test_keep_heap_stops_page_faults_on_reallocation(glibc_default) -> None:
+    # A 32 MiB tensor is 8192 pages: with glibc's defaults each new allocation of it page-faults
+    # on every page; with the heap kept a new allocation reuses the pages already mapped. (The
+    # minimum of six: here an allocation now and then still faults on all its pages, without any
+    # system call of the process; glibc's defaults faulted on every one of them.)
+    env = dict(os.environ, FASTDW_BENCH_GLIBC_MALLOC="1" if glibc_default else "0")
+    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
+    kept, faults = out.stdout.split()
+    assert kept == str(not glibc_default)
+    if glibc_default:
+        assert int(faults) > 4000
+    else:
+        assert int(faults) < 100

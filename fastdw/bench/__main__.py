@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                                 compile=not args.no_compile, onnx=not args.no_onnx)
     tasks = _tasks(args, settings)
     machine = timing.machine()
-    header = (f"{args.threads} threads, float32, denormals flushed, BatchNorm statistics calibrated on "
+    heap = ", freed memory kept by malloc" if machine["malloc_heap_kept"] == "True" else ""
+    header = (f"{args.threads} threads, float32, denormals flushed{heap}, BatchNorm statistics calibrated on "
               f"random data; medians of interleaved repetitions, in ms; (Nx) = speed-up over eager NCHW; "
               f"CL = channels_last. fastdw CPU kernels: {machine['fastdw_cpu_kernels']}; "
               f"torch {machine['torch']}, {machine['cpu']}, {machine['cpu_count']} cores.")

@@ -14,18 +14,51 @@ import torch
 
 
 def setup(threads: int) -> None:
-    """Same thread count for every engine (intra-op and inter-op) and denormals flushed to zero.
+    """Same thread count for every engine (intra-op and inter-op), denormals flushed to zero and
+    freed memory kept by malloc (``keep_heap``).
 
     Denormals matter: with randomly initialised weights some activations decay into the denormal
     range, where x86 arithmetic is 10-100x slower (see shared/ANCHORS.md). The flush mode is a
     per-thread register that threads inherit when they are created: call this before PyTorch
     starts its thread pool (``denormals_flushed`` tells whether every pool thread flushes)."""
     torch.set_flush_denormal(True)
+    keep_heap()
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # only allowed once, before any inter-op work: already set
         pass
+
+
+_heap_kept = False
+
+
+def keep_heap() -> bool:
+    """Make glibc's malloc keep freed memory in the heap (no trimming, no mmap per allocation), as
+    a caching allocator (jemalloc, tcmalloc: PyTorch's CPU tuning guide recommends them) does.
+
+    With glibc's defaults, a large freed tensor at the top of the heap (or one above the dynamic
+    mmap threshold) goes back to the kernel, and the next allocation of that size page-faults on
+    every page: ~1 us per 4 KiB page here, so an 8x144x56x56 float output took ~3500 faults
+    (~3.3 ms, on an op of ~1.3 ms). Which callable paid it depended on the one timed before it,
+    not on its own work. Every engine runs under the same setting; eager, which allocates more
+    intermediates, is the one that loses the most page faults. False where not glibc, or with
+    FASTDW_BENCH_GLIBC_MALLOC=1 in the environment (glibc's defaults, to measure with them)."""
+    global _heap_kept
+    if _heap_kept:
+        return True
+    if os.environ.get("FASTDW_BENCH_GLIBC_MALLOC") == "1":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        ok = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
+    except (OSError, AttributeError):
+        ok = False
+    _heap_kept = ok
+    return ok
 
 
 def denormals_flushed(numel: int = 1 << 22) -> bool:
@@ -114,6 +147,7 @@ def machine() -> dict[str, str]:
         "fastdw_cpu_kernels": capability(),
         "torch": torch.__version__,
         "denormals_flushed_in_all_threads": str(denormals_flushed()),
+        "malloc_heap_kept": str(_heap_kept),
     }
     for name in ("torchvision", "onnx", "onnxruntime", "openvino", "timm", "numpy"):
         info[name] = _version(name)
