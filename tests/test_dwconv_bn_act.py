@@ -382,6 +382,23 @@ def test_small_nchw_planes_on_slabs(dtype, training):
     check_case(Case((2, 200, 13, 11), 3, training=training, bias=True, activation="hardswish"), dtype)
 
 
+@pytest.mark.parametrize("case,dtype", [
+    # channels_last eval outputs of >= 16 MiB are written with non-temporal stores (kStreamBytes):
+    # C a multiple of the vector (every store streams), C = 72 (pixels alternately aligned and not:
+    # streamed and plain stores mixed) and C = 20 (a partial vector per pixel); float64 too
+    (Case((1, 64, 256, 256), channels_last=True), torch.float32),
+    (Case((1, 72, 248, 248), channels_last=True, activation="hardswish"), torch.float32),
+    (Case((1, 20, 460, 460), channels_last=True, bias=True), torch.float32),
+    (Case((1, 64, 182, 182), channels_last=True), torch.float64),
+    # NCHW inputs of >= 4 MiB prefetch the next plane (forward, and backward for plane_z)
+    (Case((2, 32, 128, 128), training=True), torch.float32),
+    (Case((2, 32, 128, 128), stride=2, bias=True), torch.float32),
+], ids=str)
+def test_large_tensors(case, dtype):
+    """The paths taken only by large tensors: streamed stores and plane prefetches."""
+    check_case(case, dtype)
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_small_nchw_planes_strided_view(training):
     """A non-dense NCHW input with small planes takes a transposed copy instead of the slabs."""

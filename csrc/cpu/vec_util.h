@@ -22,6 +22,39 @@ inline void store(const V<T>& v, T* p, int64_t n) {
   if (n == V<T>::size()) v.store(p); else v.store(p, n);
 }
 
+// Software prefetch (into every cache level) of the 64-byte lines covering [p, p + bytes).
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  const auto end = reinterpret_cast<uintptr_t>(p) + bytes;
+  for (auto a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
+}
+
+// A whole vector stored around the caches (non-temporal: the line is not read before it is
+// written) if p is aligned to the vector size and the instruction set has such a store, else a
+// plain store. A task that streams ends with stream_fence(), so its stores are ordered before
+// the join of the parallel region.
+template <typename T>
+inline void stream_store(const V<T>& v, T* p) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (reinterpret_cast<uintptr_t>(p) % sizeof(V<T>) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) return _mm512_stream_ps(p, v);
+    if constexpr (std::is_same_v<T, double>) return _mm512_stream_pd(p, v);
+#else
+    if constexpr (std::is_same_v<T, float>) return _mm256_stream_ps(p, v);
+    if constexpr (std::is_same_v<T, double>) return _mm256_stream_pd(p, v);
+#endif
+  }
+#endif
+  v.store(p);
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 // One whole 16 x 16 float block, dst[j * ld_dst + i] = src[i * ld_src + j], in registers: 16 loads,
 // four rounds of 16 shuffles (32-bit, 64-bit, 128-bit, 256-bit interleaves), 16 stores.
