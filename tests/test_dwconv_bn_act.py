@@ -383,7 +383,7 @@ def test_small_nchw_planes_on_slabs(dtype, training):
 
 
 @pytest.mark.parametrize("case,dtype", [
-    # channels_last eval outputs of >= 16 MiB are written with non-temporal stores (kStreamBytes):
+    # channels_last eval outputs of >= 8 MiB are written with non-temporal stores (kStreamBytes):
     # C a multiple of the vector (every store streams), C = 72 (pixels alternately aligned and not:
     # streamed and plain stores mixed) and C = 20 (a partial vector per pixel); float64 too
     (Case((1, 64, 256, 256), channels_last=True), torch.float32),

@@ -91,10 +91,13 @@ inline int64_t grain_for(int64_t work_per_task) {
 // the NCHW one cost 14% at 1x144x56x56 s2 (1.8 MB): hence its threshold.
 constexpr int64_t kPrefetchPlanesBytes = int64_t(4) << 20;
 // An NHWC eval output of at least this many bytes is written around the caches (stream_store):
-// no cache keeps it for the next layer, and the stores skip reading each line first
-// (32x144x56x56, 58 MB: 6.1 -> 5.1-5.3 ms with the prefetch). Smaller outputs are stored as usual
-// so that the next layer finds them in cache.
-constexpr int64_t kStreamBytes = int64_t(16) << 20;
+// the stores skip reading each line first, and the next layer would not find much of it in cache
+// anyway. Measured with a consumer, this op then a channels_last 1x1 conv to 24 channels, eval,
+// 2 threads, N x 144 x 56 x 56 (output 1.8 MB per image), streamed vs plain stores, one run each:
+// N = 2 0.53 / 0.48 and 0.56 / 0.42 ms (slower: the 1x1 conv read the output from memory), N = 4
+// 1.07 / 1.23 and 0.95 / 0.96, N = 6 1.71 / 2.01 and 1.58 / 1.75, N = 8 2.30 / 2.58 and
+// 2.35 / 2.75, N = 32 9.8 / 10.4 (both runs); 1x96x112x112 s2 (1.2 MB) 0.20 / 0.17 (slower).
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 // ---- NHWC core -------------------------------------------------------------------------------
 
