@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from fastdw.bench import engines, models
+from fastdw.bench import engines, models, timing
 from fastdw.bench.__main__ import main
 
 
@@ -110,3 +110,17 @@ def test_keep_heap_stops_page_faults_on_reallocation(glibc_default) -> None:
         assert int(faults) > 4000
     else:
         assert int(faults) < 100
+
+
+def test_interleaved_runs_every_round_in_a_new_order() -> None:
+    # every callable once per round, in seeded random orders (no callable always after the same one)
+    seen: list[str] = []
+    fns = {k: (lambda k=k: seen.append(k)) for k in "abcd"}
+    ms = timing.interleaved(fns, reps=20, warmup=0)
+    assert set(ms) == set("abcd")
+    rounds = [tuple(seen[i:i + 4]) for i in range(0, len(seen), 4)]
+    assert len(rounds) == 20 and all(sorted(r) == list("abcd") for r in rounds)
+    assert len(set(rounds)) > 5 and {r[0] for r in rounds} == set("abcd")
+    seen.clear()
+    timing.interleaved(fns, reps=20, warmup=0)
+    assert [tuple(seen[i:i + 4]) for i in range(0, len(seen), 4)] == rounds  # seeded: the same orders

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -84,7 +85,13 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int = 30, warmup: in
                 min_time: float = 0.0, spread: dict[str, float] | None = None) -> dict[str, float]:
     """Median milliseconds of each callable, timed round-robin. ``min_time`` (s) repeats a whole
     round until a round takes at least that long, for very short ops. ``spread``, if given, gets
-    each callable's interquartile range relative to its median (a noise gauge: > 0.2 is noisy)."""
+    each callable's interquartile range relative to its median (a noise gauge: > 0.2 is noisy).
+
+    Each round runs the callables in a new random order (seeded: the same orders in every run),
+    so no callable always follows the same ones. With a fixed order a callable's time depended on
+    what ran before it: three identical calls of fastdw's channels_last 1x96x112x112 s2 layer,
+    each after an eager channels_last call, took 0.19, 0.11-0.14 and 0.09-0.11 ms; the slow one
+    came two calls after the NCHW engines (rotating the order kept that and the times)."""
     for _ in range(warmup):
         for f in fns.values():
             f()
@@ -99,8 +106,11 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int = 30, warmup: in
                 break
             inner *= 2
     samples: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns.items())
+    rng = random.Random(0)
     for _ in range(reps):
-        for k, f in fns.items():
+        rng.shuffle(order)
+        for k, f in order:
             t0 = _clock()
             for _ in range(inner):
                 f()
