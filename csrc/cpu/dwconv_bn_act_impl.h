@@ -81,14 +81,13 @@ inline int64_t grain_for(int64_t work_per_task) {
 
 // ---- memory traffic --------------------------------------------------------------------------
 
-// The convs prefetch the input they read next: NHWC, the input rows the next output row reads
-// first (always); NCHW, the next plane (inputs of at least kPrefetchPlanesBytes). The NHWC conv
-// reads each pixel's channel group with a stride of C elements, and each NCHW plane is a new
-// stream: the hardware prefetchers did not run ahead of either. In one interleaved run with
-// eager engines between the calls (inputs out of cache, as in a model), eval, 2 threads:
-// 1x96x112x112 s2 CL 0.25-0.27 -> 0.15-0.19 ms and NCHW 0.25-0.27 -> 0.18 ms, 8x144x56x56 CL
-// 1.64 -> 1.44-1.55 ms; with the inputs in cache the NHWC prefetch changed nothing measurable, and
-// the NCHW one cost 14% at 1x144x56x56 s2 (1.8 MB): hence its threshold.
+// The NCHW convs prefetch the next plane's input (inputs of at least kPrefetchPlanesBytes): each
+// plane is a new stream that the hardware prefetchers do not run ahead of. Eval, 2 threads, in
+// random-order interleaved runs with eager engines between the calls (inputs out of cache, as in
+// a model), without / with: 1x96x112x112 s2 0.239 / 0.214 and 0.172 / 0.156 ms, 32x144x56x56
+// 5.14 / 4.93 and 5.54 / 5.27 ms. With its input in cache, 1x144x56x56 s2 (1.8 MB) got 14% slower:
+// hence the threshold. (In the NHWC conv, a prefetch of the input rows the next output row reads
+// changed nothing measurable in those runs and was taken out.)
 constexpr int64_t kPrefetchPlanesBytes = int64_t(4) << 20;
 // An NHWC eval output of at least this many bytes is written around the caches (stream_store):
 // the stores skip reading each line first, and the next layer would not find much of it in cache
@@ -114,15 +113,6 @@ inline void nhwc_conv_group_t(const ConvShape& s, const T* x, const T* w, int64_
   int64_t kh0, kh1;
   tap_range(hi0, s.DH, s.KH, s.H, kh0, kh1);
   const T* xn = x + n * s.H * s.W * C;
-  // Input rows [pr0, pr1): those the next output row of this image reads and this one does not
-  // (dilation 1), prefetched block by block, this group's channels.
-  const int64_t pr0 = std::max<int64_t>(0, hi0 + std::max(s.KH, s.SH));
-  const int64_t pr1 = s.DH == 1 && ho + 1 < s.Ho ? std::min(s.H, hi0 + s.SH + s.KH) : pr0;
-  auto prefetch = [&](int64_t wo, int64_t nb) {
-    const int64_t wi0 = std::max<int64_t>(0, wo * SW - s.PW), wi1 = std::min(s.W, (wo + nb) * SW - s.PW);
-    for (int64_t hp = pr0; hp < pr1; ++hp)
-      for (int64_t wi = wi0; wi < wi1; ++wi) prefetch_lines(xn + (hp * s.W + wi) * C + cb, (ce - cb) * sizeof(T));
-  };
 
   auto edge = [&](int64_t wo) {
     const int64_t wi0 = wo * SW - s.PW;
@@ -216,7 +206,6 @@ inline void nhwc_conv_group_t(const ConvShape& s, const T* x, const T* w, int64_
           for (int j = 0; j < NB; ++j) epi(wo + j, c, cnt, acc[j]);
         };
         for (; wo + NB <= whi; wo += NB) {
-          prefetch(wo, NB);
           int64_t c = cb;
           for (; c + VL <= ce; c += VL) run(c, std::true_type{});
           if (c < ce) run(c, std::false_type{});
@@ -227,7 +216,6 @@ inline void nhwc_conv_group_t(const ConvShape& s, const T* x, const T* w, int64_
     }
   }
   for (; wo + 4 <= whi; wo += 4) {
-    prefetch(wo, 4);
     int64_t c = cb;
     for (; c + VL <= ce; c += VL) block(c, std::true_type{});
     if (c < ce) block(c, std::false_type{});
