@@ -89,6 +89,10 @@ inline int64_t grain_for(int64_t work_per_task) {
 // hence the threshold. (In the NHWC conv, a prefetch of the input rows the next output row reads
 // changed nothing measurable in those runs and was taken out.)
 constexpr int64_t kPrefetchPlanesBytes = int64_t(4) << 20;
+template <typename T>
+inline bool prefetch_planes(const ConvShape& s) {
+  return s.N * s.C * s.H * s.W * int64_t(sizeof(T)) >= kPrefetchPlanesBytes;
+}
 // An NHWC eval output of at least this many bytes is written around the caches (stream_store):
 // the stores skip reading each line first, and the next layer would not find much of it in cache
 // anyway. Measured with a consumer, this op then a channels_last 1x1 conv to 24 channels, eval,
@@ -599,7 +603,7 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
   const int64_t hw = s.Ho * s.Wo;
   std::vector<double> pmean(stats ? planes : 0), pm2(stats ? planes : 0);
   const std::vector<int64_t> off = plane_offsets(s, d);
-  const bool pf = s.N * C * s.H * s.W * int64_t(sizeof(T)) >= kPrefetchPlanesBytes;
+  const bool pf = prefetch_planes<T>(s);
   at::parallel_for(0, planes, grain_for(hw * s.taps()), [&](int64_t p0, int64_t p1) {
     PlaneScratch<T> sc(s, d);
     const T* buf = sc.buf.data();
@@ -1386,8 +1390,8 @@ void backward_planes_impl(const ConvShape& s, const T* x, const T* w, const BwdP
     InputGradPlane<T> ig;
   };
   // z of plane pl into the input gradient's buffer (x into the phase buffer on the way), with the
-  // input of plane `next` (if >= 0) prefetched for large inputs (kPrefetchPlanesBytes).
-  const bool pf = s.N * C * s.H * s.W * int64_t(sizeof(T)) >= kPrefetchPlanesBytes;
+  // input of plane `next` (if >= 0) prefetched for large inputs (prefetch_planes).
+  const bool pf = prefetch_planes<T>(s);
   auto plane_z = [&](Scratch& sr, int64_t pl, int64_t next) {
     sr.sc.fill(s, d, x + s.in_plane(pl));
     if (pf && next >= 0) prefetch_lines(x + s.in_plane(next), s.H * s.W * sizeof(T));
