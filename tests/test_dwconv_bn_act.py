@@ -400,6 +400,27 @@ def test_large_tensors(case, dtype):
 
 
 @pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("case,dtype", [
+    # channels_last 3x3, stride 1 and 2, dilation 1: two output rows at a time (nhwc_conv_rows)
+    # where both rows' kernel rows lie inside the image, one row at the top and bottom edges, at
+    # an odd row count per image, at a thread's last row, and between images. Channel counts with
+    # several groups of 4 vectors and partial vectors; widths whose interior columns leave some
+    # over after the blocks of 4; padding 0 and 2; no BN, conv bias, other activations.
+    (Case((3, 80, 9, 11), channels_last=True), torch.float64),
+    (Case((2, 20, 10, 13), stride=2, bias=True, channels_last=True, activation="hardswish"), torch.float64),
+    (Case((2, 24, 8, 8), padding=0, channels_last=True, activation="silu"), torch.float64),
+    (Case((1, 19, 12, 12), stride=2, padding=0, channels_last=True), torch.float64),
+    (Case((2, 16, 6, 9), padding=2, bn="none", bias=True, channels_last=True, activation="relu"),
+     torch.float64),
+    (Case((2, 16, 9, 9), stride=2, padding=2, channels_last=True, activation="none"), torch.float64),
+    (Case((4, 144, 14, 14), channels_last=True), torch.float32),
+    (Case((2, 96, 15, 15), stride=2, channels_last=True), torch.float32),
+], ids=str)
+def test_two_row_blocks(case, dtype, training):
+    check_case(replace(case, training=training), dtype)
+
+
+@pytest.mark.parametrize("training", [False, True])
 def test_small_nchw_planes_strided_view(training):
     """A non-dense NCHW input with small planes takes a transposed copy instead of the slabs."""
     case = Case((2, 40, 9, 9), 3, stride=2, training=training, bias=True, activation="relu6")

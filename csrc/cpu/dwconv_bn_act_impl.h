@@ -247,6 +247,106 @@ inline void nhwc_conv_row(const ConvShape& s, const T* x, const T* w, int64_t n,
   }
 }
 
+// Two output rows (ho, ho + 1) of a 3x3 conv with stride S (1 or 2), dilation 1, at once: each of
+// the S + 3 input rows they read is loaded once for both (one row at a time loads 6). One row at a
+// time, each input line came into L1 three times (once per output row that reads it) with one
+// vector used per line per visit; two rows at a time cut the loads per output by ~40% (stride 1)
+// and made the channels_last eval 1.2-1.9x faster (1x144x56x56 0.190 -> 0.154 ms, 8x144x56x56
+// 2.91 -> 1.50 ms: faster than the NCHW kernel's 2.03 there). Calls epi(dr, wo, c, cnt, acc) for
+// output row ho + dr.
+inline bool nhwc_pair_ok(const ConvShape& s, int64_t ho) {
+  const int64_t S = s.SH, hi0 = ho * S - s.PH;
+  return s.KH == 3 && s.KW == 3 && s.DH == 1 && s.DW == 1 && s.SW == S && (S == 1 || S == 2) && ho + 1 < s.Ho &&
+         hi0 >= 0 && hi0 + S + 2 < s.H;
+}
+
+template <typename T, int S, typename Epi>
+inline void nhwc_conv_pair_group_t(const ConvShape& s, const T* x, const T* w, int64_t n, int64_t ho, int64_t cb,
+                                   int64_t ce, Epi&& epi) {
+  constexpr int64_t VL = V<T>::size();
+  constexpr int NB = 4, NX = (NB - 1) * S + 3, R = S + 3;
+  const int64_t C = s.C, hi0 = ho * S - s.PH;
+  const T* xn = x + n * s.H * s.W * C;
+  // Columns with taps outside the image (and those left over from the blocks of NB): one column
+  // and one channel vector at a time, for each of the two rows.
+  auto edge = [&](int64_t wo) {
+    const int64_t wi0 = wo * S - s.PW;
+    int64_t kw0, kw1;
+    tap_range(wi0, 1, 3, s.W, kw0, kw1);
+    for (int64_t c = cb; c < ce; c += VL) {
+      const int64_t cnt = std::min(VL, ce - c);
+      for (int64_t dr = 0; dr < 2; ++dr) {
+        V<T> acc(0);
+        for (int64_t kh = 0; kh < 3; ++kh) {
+          const T* xr = xn + ((hi0 + dr * S + kh) * s.W + wi0) * C + c;
+          const T* wr = w + kh * 3 * C + c;
+          for (int64_t kw = kw0; kw < kw1; ++kw)
+            acc = at::vec::fmadd(load(wr + kw * C, cnt), load(xr + kw * C, cnt), acc);
+        }
+        epi(dr, wo, c, cnt, acc);
+      }
+    }
+  };
+  // Interior columns: wo * S - PW >= 0 and wo * S - PW + 2 <= W - 1.
+  const int64_t wlo = std::min(s.Wo, (s.PW + S - 1) / S);
+  const int64_t num = s.W - 3 + s.PW;
+  const int64_t whi = num < 0 ? wlo : std::max(wlo, std::min(s.Wo, num / S + 1));
+  int64_t wo = 0;
+  for (; wo < wlo; ++wo) edge(wo);
+  auto run = [&](int64_t c, auto full) {
+    constexpr bool FULL = decltype(full)::value;
+    const int64_t cnt = FULL ? VL : ce - c;
+    auto ld = [&](const T* p) { if constexpr (FULL) return V<T>::loadu(p); else return V<T>::loadu(p, cnt); };
+    V<T> a0[NB], a1[NB];
+    for (int j = 0; j < NB; ++j) a0[j] = a1[j] = V<T>(0);
+    for (int r = 0; r < R; ++r) {  // input row hi0 + r: kernel row r of output row 0, r - S of row 1
+      const T* xr = xn + ((hi0 + r) * s.W + wo * S - s.PW) * C + c;
+      V<T> xv[NX];
+      for (int m = 0; m < NX; ++m) xv[m] = ld(xr + m * C);
+      if (r < 3) {
+        const T* wr = w + r * 3 * C + c;
+        for (int kw = 0; kw < 3; ++kw) {
+          const V<T> wv = ld(wr + kw * C);
+          for (int j = 0; j < NB; ++j) a0[j] = at::vec::fmadd(wv, xv[j * S + kw], a0[j]);
+        }
+      }
+      if (r >= S) {
+        const T* wr = w + (r - S) * 3 * C + c;
+        for (int kw = 0; kw < 3; ++kw) {
+          const V<T> wv = ld(wr + kw * C);
+          for (int j = 0; j < NB; ++j) a1[j] = at::vec::fmadd(wv, xv[j * S + kw], a1[j]);
+        }
+      }
+    }
+    for (int j = 0; j < NB; ++j) epi(0, wo + j, c, cnt, a0[j]);
+    for (int j = 0; j < NB; ++j) epi(1, wo + j, c, cnt, a1[j]);
+  };
+  for (; wo + NB <= whi; wo += NB) {
+    int64_t c = cb;
+    for (; c + VL <= ce; c += VL) run(c, std::true_type{});
+    if (c < ce) run(c, std::false_type{});
+  }
+  for (; wo < s.Wo; ++wo) edge(wo);
+}
+
+// Output rows r (and r + 1, if r + 1 < r_end is in the same image and nhwc_pair_ok) of the flat
+// row index r = n * Ho + ho; calls epi(dr, wo, c, cnt, acc) for row r + dr. Returns the rows done.
+template <typename T, typename Epi>
+inline int64_t nhwc_conv_rows(const ConvShape& s, const T* x, const T* w, int64_t r, int64_t r_end, Epi&& epi) {
+  const int64_t n = r / s.Ho, ho = r % s.Ho;
+  if (r + 1 < r_end && nhwc_pair_ok(s, ho)) {
+    constexpr int64_t CB = 4 * V<T>::size();
+    for (int64_t cb = 0; cb < s.C; cb += CB) {
+      const int64_t ce = std::min(s.C, cb + CB);
+      if (s.SH == 1) nhwc_conv_pair_group_t<T, 1>(s, x, w, n, ho, cb, ce, epi);
+      else nhwc_conv_pair_group_t<T, 2>(s, x, w, n, ho, cb, ce, epi);
+    }
+    return 2;
+  }
+  nhwc_conv_row(s, x, w, n, ho, [&](int64_t wo, int64_t c, int64_t cnt, V<T> acc) { epi(0, wo, c, cnt, acc); });
+  return 1;
+}
+
 // ---- NCHW core -------------------------------------------------------------------------------
 
 struct PlaneBuf {
@@ -546,12 +646,13 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
     const bool stream = !stats && s.N * s.Ho * s.Wo * C * int64_t(sizeof(T)) >= kStreamBytes;
     at::parallel_for(0, rows, grain_for(s.Wo * C * s.taps()), [&](int64_t r0, int64_t r1) {
       if (!stats) {
-        for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t r = r0; r < r1;) {
           T* orow = out + r * s.Wo * C;
-          nhwc_conv_row(s, x, w, r / s.Ho, r % s.Ho, [&](int64_t wo, int64_t c, int64_t cnt, V<T> acc) {
+          r += nhwc_conv_rows(s, x, w, r, r1, [&](int64_t dr, int64_t wo, int64_t c, int64_t cnt, V<T> acc) {
             const V<T> y = act_fwd<A>(acc + load(b + c, cnt));
-            if (stream && cnt == VL) stream_store(y, orow + wo * C + c);
-            else store(y, orow + wo * C + c, cnt);
+            T* o = orow + (dr * s.Wo + wo) * C + c;
+            if (stream && cnt == VL) stream_store(y, o);
+            else store(y, o, cnt);
           });
         }
         if (stream) stream_fence();
@@ -563,20 +664,24 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
       // accumulators once per task. (Merging every row in double cost ~15% of the forward.)
       std::vector<T> shift(C, T(0)), rs1(C), rs2(C);
       std::vector<double> s1(C, 0.0), s2(C, 0.0);
-      for (int64_t r = r0; r < r1; ++r) {
-        T* orow = out + r * s.Wo * C;
-        nhwc_conv_row(s, x, w, r / s.Ho, r % s.Ho, [&](int64_t wo, int64_t c, int64_t cnt, V<T> acc) {
-          store(acc + load(b + c, cnt), orow + wo * C + c, cnt);
+      for (int64_t r = r0; r < r1;) {
+        T* orows = out + r * s.Wo * C;
+        const int64_t k = nhwc_conv_rows(s, x, w, r, r1, [&](int64_t dr, int64_t wo, int64_t c, int64_t cnt, V<T> acc) {
+          store(acc + load(b + c, cnt), orows + (dr * s.Wo + wo) * C + c, cnt);
         });
-        if (r == r0) {
+        for (int64_t q = r; q < r + k; ++q) {
+          const T* orow = out + q * s.Wo * C;
+          if (q == r0) {
+            row_moments(orow, s.Wo, C, shift.data(), rs1.data(), rs2.data());
+            for (int64_t c = 0; c < C; ++c) shift[c] = rs1[c] / T(s.Wo);
+          }
           row_moments(orow, s.Wo, C, shift.data(), rs1.data(), rs2.data());
-          for (int64_t c = 0; c < C; ++c) shift[c] = rs1[c] / T(s.Wo);
+          for (int64_t c = 0; c < C; ++c) {
+            s1[c] += rs1[c];
+            s2[c] += rs2[c];
+          }
         }
-        row_moments(orow, s.Wo, C, shift.data(), rs1.data(), rs2.data());
-        for (int64_t c = 0; c < C; ++c) {
-          s1[c] += rs1[c];
-          s2[c] += rs2[c];
-        }
+        r += k;
       }
       const int tid = at::get_thread_num();
       const double cnt = double((r1 - r0) * s.Wo);
@@ -751,22 +856,26 @@ void backward_act_impl(const ConvShape& s, const T* x, const T* w, const BwdPara
   const int nt = at::get_num_threads();
   std::vector<double> t1(sums ? nt * C : 0, 0.0), t2(sums ? nt * C : 0, 0.0);
   at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C * s.taps()), [&](int64_t r0, int64_t r1) {
-    // The row's conv output goes to an L1-sized buffer (or with store_z to out), then
-    // bn_act_grad_row runs over it.
-    std::vector<T> zrow(store_z ? 0 : s.Wo * C), r1s(C), r2s(C);
+    // The conv output of one or two rows (nhwc_conv_rows) goes to an L1-sized buffer (or with
+    // store_z to out), then bn_act_grad_row runs over each row.
+    std::vector<T> zrow(store_z ? 0 : 2 * s.Wo * C), r1s(C), r2s(C);
     const int tid = at::get_thread_num();
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t base = r * s.Wo * C;
-      T* z = store_z ? out + base : zrow.data();
-      nhwc_conv_row(s, x, w, r / s.Ho, r % s.Ho,
-                    [&](int64_t wo, int64_t c, int64_t cnt, V<T> acc) { store(acc, z + wo * C + c, cnt); });
-      bn_act_grad_row<T, A>(z, go + base, out && !store_z ? out + base : nullptr, s.Wo, C, p,
-                            sums ? r1s.data() : nullptr, r2s.data());
-      if (sums)
-        for (int64_t c = 0; c < C; ++c) {
-          t1[tid * C + c] += r1s[c];
-          t2[tid * C + c] += r2s[c];
-        }
+    for (int64_t r = r0; r < r1;) {
+      T* z0 = store_z ? out + r * s.Wo * C : zrow.data();
+      const int64_t k = nhwc_conv_rows(s, x, w, r, r1, [&](int64_t dr, int64_t wo, int64_t c, int64_t cnt, V<T> acc) {
+        store(acc, z0 + (dr * s.Wo + wo) * C + c, cnt);
+      });
+      for (int64_t q = r; q < r + k; ++q) {
+        const int64_t base = q * s.Wo * C;
+        bn_act_grad_row<T, A>(z0 + (q - r) * s.Wo * C, go + base, out && !store_z ? out + base : nullptr, s.Wo, C, p,
+                              sums ? r1s.data() : nullptr, r2s.data());
+        if (sums)
+          for (int64_t c = 0; c < C; ++c) {
+            t1[tid * C + c] += r1s[c];
+            t2[tid * C + c] += r2s[c];
+          }
+      }
+      r += k;
     }
   });
   if (sums)
