@@ -1090,14 +1090,25 @@ struct NhwcInputGrad {
   }
 };
 
-// NHWC (NCHW: backward_planes).
+// NHWC (NCHW: backward_planes). Stride 1 (the flipped conv): two rows of gx at a time where
+// nhwc_conv_rows can (a 3x3 kernel).
 template <typename T>
 void backward_input(const ConvShape& s, const T* gz, const T* w, T* gx) {
   if (s.N == 0) return;
   NhwcInputGrad<T> ig(s);
   ig.set_weights(w, s.C);
   at::parallel_for(0, s.N * s.H, grain_for(ig.row_work()), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) ig.row(gz, gx, r / s.H, r % s.H);
+    for (int64_t r = r0; r < r1;) {
+      if (!ig.flip) {
+        ig.row(gz, gx, r / s.H, r % s.H);
+        ++r;
+        continue;
+      }
+      T* g0 = gx + r * s.W * s.C;
+      r += nhwc_conv_rows(ig.t, gz, ig.wf.data(), r, r1, [&](int64_t dr, int64_t wi, int64_t c, int64_t cnt, V<T> acc) {
+        store(acc, g0 + (dr * s.W + wi) * s.C + c, cnt);
+      });
+    }
   });
 }
 
