@@ -2,9 +2,10 @@
 // per instruction set (csrc/cpu/isa/<isa>.cpp defines CPU_CAPABILITY and the -m flags).
 //
 // Layouts
-//  * NHWC (channels_last): vectorised over channels. One task = one output row (n, ho); every tap
-//    is a contiguous load of C values, taps outside the image are skipped by index ranges computed
-//    per row / column, so the inner loops have no branches.
+//  * NHWC (channels_last): vectorised over channels. One task = one output row (n, ho), or two
+//    (nhwc_conv_rows: 3x3, stride 1 or 2); every tap is a contiguous load of C values, taps
+//    outside the image are skipped by index ranges computed per row / column, so the inner loops
+//    have no branches.
 //  * NCHW: vectorised over output columns. One task = one (n, c) plane. The plane is first copied
 //    into a zero-padded, stride-deinterleaved buffer (phase j holds padded columns j, j+s, ...), so
 //    every tap of every stride becomes a contiguous vector load; the buffer is L1/L2 resident.
@@ -248,12 +249,14 @@ inline void nhwc_conv_row(const ConvShape& s, const T* x, const T* w, int64_t n,
 }
 
 // Two output rows (ho, ho + 1) of a 3x3 conv with stride S (1 or 2), dilation 1, at once: each of
-// the S + 3 input rows they read is loaded once for both (one row at a time loads 6). One row at a
-// time, each input line came into L1 three times (once per output row that reads it) with one
-// vector used per line per visit; two rows at a time cut the loads per output by ~40% (stride 1)
-// and made the channels_last eval 1.2-1.9x faster (1x144x56x56 0.190 -> 0.154 ms, 8x144x56x56
-// 2.91 -> 1.50 ms: faster than the NCHW kernel's 2.03 there). Calls epi(dr, wo, c, cnt, acc) for
-// output row ho + dr.
+// the S + 3 input rows they read is loaded once for both (one row at a time: 3 + 3). Stride 1,
+// per output: ~5 vector loads instead of ~10 (the compiler folds the single-row kernel's input
+// loads into the FMAs, one load per FMA). Eval, 2 threads, in-process A/B with eager engines in
+// random-order rounds, one row / two rows: 8x144x56x56 3.16 / 1.73 ms (the NCHW kernel: 2.12),
+// 1x144x56x56 0.220 / 0.161, 1x32x112x112 0.174 / 0.136; stride 2 (5 rows instead of 6) no clear
+// change, 1x96x112x112 0.165 / 0.166 and 0.134 / 0.124. Why the single-row kernel lost this much
+// at 8x144 (a third more time than NCHW, which reads and writes as many bytes) is not measured:
+// no hardware counters in this VM. Calls epi(dr, wo, c, cnt, acc) for output row ho + dr.
 inline bool nhwc_pair_ok(const ConvShape& s, int64_t ho) {
   const int64_t S = s.SH, hi0 = ho * S - s.PH;
   return s.KH == 3 && s.KW == 3 && s.DH == 1 && s.DW == 1 && s.SW == S && (S == 1 || S == 2) && ho + 1 < s.Ho &&
