@@ -94,10 +94,10 @@ def bench_train(shape, reps: int) -> dict[str, float]:
     xcl = x.contiguous(memory_format=torch.channels_last)
     grad = torch.randn_like(layer(x))
 
-    def step(model, inp):
+    def step(model, inp, g):
         def f():
             inp_ = inp.detach().requires_grad_()
-            model(inp_).backward(grad)
+            model(inp_).backward(g)
         return f
 
     # correctness of the training step (grads of input and conv weight) before timing; no gradient
@@ -113,11 +113,13 @@ def bench_train(shape, reps: int) -> dict[str, float]:
             outs.append((xi.grad, layer[0].weight.grad.clone()))
         torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-3, atol=1e-2)
+    # channels_last steps get a channels_last output gradient, as the next layer of a CL model hands on
+    grad_cl = grad.contiguous(memory_format=torch.channels_last)
     fns = {
-        "eager_nchw": step(layer, x),
-        "eager_cl": step(layer, xcl),
-        "fastdw_nchw": step(fused, x),
-        "fastdw_cl": step(fused, xcl),
+        "eager_nchw": step(layer, x, grad),
+        "eager_cl": step(layer, xcl, grad_cl),
+        "fastdw_nchw": step(fused, x, grad),
+        "fastdw_cl": step(fused, xcl, grad_cl),
     }
     return timing.interleaved(fns, reps=max(5, reps // 3))
 

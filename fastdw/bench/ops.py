@@ -218,6 +218,11 @@ def bench_inference(case: OpCase, n: int, settings: Settings, reps: int) -> Row:
     return row
 
 
+def _format_of(t: torch.Tensor) -> torch.memory_format:
+    cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 def bench_training(case: OpCase, n: int, settings: Settings, reps: int) -> Row:
     eager, xs = build(case, n)
     eager.train()
@@ -242,10 +247,10 @@ def bench_training(case: OpCase, n: int, settings: Settings, reps: int) -> Row:
     else:
         row.status["compile"] = "skipped: --no-compile"
 
-    def run(m, inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def run(m, inputs, g=grad) -> tuple[torch.Tensor, list[torch.Tensor]]:
         leaves = [x.detach().requires_grad_() for x in inputs]
         out = m(*leaves)
-        out.backward(grad)
+        out.backward(g)
         return out, [x.grad for x in leaves]
 
     def param_grads(m: nn.Module) -> dict[str, torch.Tensor]:
@@ -277,7 +282,10 @@ def bench_training(case: OpCase, n: int, settings: Settings, reps: int) -> Row:
         if status is not None:
             row.status[engine] = status
             continue
-        fns[engine] = lambda m=m, inputs=inputs: run(m, inputs)
+        # The timed step gets the output gradient in the output's memory format, as the next layer
+        # of a channels_last model would hand it on (an NCHW gradient made every CL engine convert).
+        g = grad.contiguous(memory_format=_format_of(out))
+        fns[engine] = lambda m=m, inputs=inputs, g=g: run(m, inputs, g)
     row.ms = timing.interleaved(fns, reps=max(5, reps // 2), warmup=2, min_time=0.002,
                                 spread=row.spread())
     return row
