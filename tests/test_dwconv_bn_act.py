@@ -914,6 +914,9 @@ CAPABILITY_CASES = [
     # NCHW planes of > 256 pixels: the native NCHW kernels (the cases above are all <= 256)
     Case((2, 5, 17, 37), 3, stride=2, training=True, activation="relu6"),
     Case((2, 5, 17, 37), 3, training=True, bias=True, activation="hardswish"),
+    # channels_last 3x3, dilation 1: two output rows at a time (nhwc_conv_rows), stride 1 and 2
+    Case((2, 19, 13, 11), 3, training=True, channels_last=True, activation="relu6"),
+    Case((3, 21, 9, 23), 3, stride=2, training=False, bias=True, channels_last=True, activation="silu"),
 ]
 
 
