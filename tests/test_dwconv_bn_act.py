@@ -420,6 +420,32 @@ def test_two_row_blocks(case, dtype, training):
     check_case(replace(case, training=training), dtype)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("case", [
+    # The channels_last backward runs over chunks of output rows (an image, or a part of one when
+    # there are fewer images than threads: 1 image on 2, 3, 5 threads, 3 images on 2), each with a
+    # band of gz rows: images taller than the band (it moves on), the gz rows before a part that
+    # its first input rows read (1 for 3x3 at stride 1 and 2, 8 for 5x5 at dilation 2), input rows
+    # that read no gz row (1x1 kernel at stride 2, stride 3 with a 2-row kernel), column runs
+    # (padding beyond the kernel at stride 1) and the tap-list fallback (a 9x9 kernel at stride 2).
+    Case((1, 24, 41, 9), channels_last=True),
+    Case((3, 20, 30, 7), stride=2, bias=True, channels_last=True, activation="hardswish"),
+    Case((2, 12, 29, 6), 5, dilation=2, channels_last=True, activation="silu"),
+    Case((1, 10, 27, 5), 1, stride=2, padding=0, bias=True, channels_last=True, activation="relu"),
+    Case((1, 10, 31, 6), (2, 3), stride=(3, 1), padding=(0, 1), channels_last=True),
+    Case((1, 6, 26, 8), 3, padding=3, channels_last=True, activation="silu"),
+    Case((1, 6, 30, 13), 9, stride=2, bias=True, channels_last=True, activation="none"),
+], ids=str)
+def test_backward_row_bands(case, training, threads):
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        check_case(replace(case, training=training), torch.float64)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_small_nchw_planes_strided_view(training):
     """A non-dense NCHW input with small planes takes a transposed copy instead of the slabs."""

@@ -9,10 +9,10 @@
 // smaller than the input, so this is cheaper than recomputing the conv).
 // Backward: recomputes z from x (nothing but x and per-channel vectors is saved), applies the
 // activation derivative, reduces the BN parameter gradients, then the conv input and weight
-// gradients. NHWC: in training z waits in the buffer of the conv-output gradient gz until the sums
-// are known. NCHW: one task per channel (training) or plane (eval); each plane's gz feeds both
-// gradients while it is in cache and is never stored (backward_planes); small planes the same way
-// on slabs of 64 channels (backward_small_nchw).
+// gradients. The conv-output gradient gz is never stored: NHWC, each band of a few rows feeds both
+// gradients while it is in cache (backward_rows; in training after a first pass for the BN sums);
+// NCHW, one task per channel (training) or plane (eval), each plane's gz used the same way
+// (backward_planes); small planes the same way on slabs of 64 channels (backward_small_nchw).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -257,27 +257,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
                                                           sum_gyx.data(), training);
       return;
     }
-    at::Tensor gz = need_gz ? at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(fmt)) : at::Tensor();
-    T* gzp = need_gz ? gz.mutable_data_ptr<T>() : nullptr;
+    // NHWC: gz recomputed per band of rows and used there, never stored (backward_rows).
+    double* gwp = wgrad ? dw.data() : nullptr;
     if (!training) {
-      // One pass: BN parameter sums and gz = k1 * g together.
-      k.backward_act(s, act, xp, w.data(), p, gop, gzp, sum_gy.data(), sum_gyx.data(), false);
-    } else {
-      // Pass 1: the sums, and the recomputed conv output z kept in gz's buffer; pass 2 (elementwise,
-      // in place): gz from z, not a second conv.
-      k.backward_act(s, act, xp, w.data(), p, gop, gzp, sum_gy.data(), sum_gyx.data(), need_gz);
-      if (need_gz) {
-        const double M = double(s.N * s.Ho * s.Wo);
-        for (int64_t c = 0; c < s.C; ++c) {
-          bn_train_terms(bn[c], sum_gy[c], sum_gyx[c], M);
-          k2t[c] = static_cast<T>(bn[c].k2);
-          k3t[c] = static_cast<T>(bn[c].k3);
-        }
-        k.gz_from_z(s, act, p, gop, gzp);
-      }
+      // One pass: BN parameter sums and the gradients (gz = k1 * g) together.
+      k.backward_rows(s, act, xp, w.data(), p, gop, gxp, gwp, db.data(), sum_gy.data(), sum_gyx.data());
+      return;
     }
-    if (mask[0]) k.backward_input(s, gz.const_data_ptr<T>(), w.data(), gxp);
-    if (wgrad) k.backward_weight(s, xp, gz.const_data_ptr<T>(), dw.data(), db.data());
+    // Pass 1: the sums, which gz needs; pass 2: the gradients.
+    k.backward_rows(s, act, xp, w.data(), p, gop, nullptr, nullptr, nullptr, sum_gy.data(), sum_gyx.data());
+    if (!need_gz) return;
+    const double M = double(s.N * s.Ho * s.Wo);
+    for (int64_t c = 0; c < s.C; ++c) {
+      bn_train_terms(bn[c], sum_gy[c], sum_gyx[c], M);
+      k2t[c] = static_cast<T>(bn[c].k2);
+      k3t[c] = static_cast<T>(bn[c].k3);
+    }
+    k.backward_rows(s, act, xp, w.data(), p, gop, gxp, gwp, db.data(), nullptr, nullptr);
   });
   // The double sums rounded once into a tensor of the parameter's dtype (directly: at::tensor, reshape
   // and a dtype copy were ~12 us of a batch-1 backward).

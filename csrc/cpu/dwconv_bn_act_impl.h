@@ -841,78 +841,16 @@ inline void bn_act_grad_row(const T* z, const T* go, T* out, int64_t W, int64_t 
   }
 }
 
-// NHWC (NCHW: backward_planes). One pass per call: recompute z = conv(x, w) (no bias: it is
-// inside p.a0), xhat = (z + a0) * a1, y = xhat * gamma + beta, g = grad_out * act'(y). If sums:
-// accumulate sum(g) and sum(g * xhat) per channel. If out: store k1 * g + k2 * xhat + k3 (the
-// conv-output gradient; in eval k2 = k3 = 0), or with store_z the conv output z itself, for
-// gz_from_z to finish without a second conv.
-template <typename T, int A>
-void backward_act_impl(const ConvShape& s, const T* x, const T* w, const BwdParams<T>& p, const T* go, T* out,
-                       double* sum_gy, double* sum_gyx, bool store_z) {
-  const int64_t C = s.C;
-  const bool sums = sum_gy != nullptr;
-  if (sums) {
+// Zeroes the outputs of a backward that are present (sum_gy / sum_gyx, gw / gb: nullable).
+inline void clear_backward_sums(int64_t C, int64_t taps, double* sum_gy, double* sum_gyx, double* gw, double* gb) {
+  if (sum_gy) {
     std::fill(sum_gy, sum_gy + C, 0.0);
     std::fill(sum_gyx, sum_gyx + C, 0.0);
   }
-  if (s.N == 0) return;
-  const int nt = at::get_num_threads();
-  std::vector<double> t1(sums ? nt * C : 0, 0.0), t2(sums ? nt * C : 0, 0.0);
-  at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C * s.taps()), [&](int64_t r0, int64_t r1) {
-    // The conv output of one or two rows (nhwc_conv_rows) goes to an L1-sized buffer (or with
-    // store_z to out), then bn_act_grad_row runs over each row.
-    std::vector<T> zrow(store_z ? 0 : 2 * s.Wo * C), r1s(C), r2s(C);
-    const int tid = at::get_thread_num();
-    for (int64_t r = r0; r < r1;) {
-      T* z0 = store_z ? out + r * s.Wo * C : zrow.data();
-      const int64_t k = nhwc_conv_rows(s, x, w, r, r1, [&](int64_t dr, int64_t wo, int64_t c, int64_t cnt, V<T> acc) {
-        store(acc, z0 + (dr * s.Wo + wo) * C + c, cnt);
-      });
-      for (int64_t q = r; q < r + k; ++q) {
-        const int64_t base = q * s.Wo * C;
-        bn_act_grad_row<T, A>(z0 + (q - r) * s.Wo * C, go + base, out && !store_z ? out + base : nullptr, s.Wo, C, p,
-                              sums ? r1s.data() : nullptr, r2s.data());
-        if (sums)
-          for (int64_t c = 0; c < C; ++c) {
-            t1[tid * C + c] += r1s[c];
-            t2[tid * C + c] += r2s[c];
-          }
-      }
-      r += k;
-    }
-  });
-  if (sums)
-    for (int t = 0; t < nt; ++t)
-      for (int64_t c = 0; c < C; ++c) {
-        sum_gy[c] += t1[t * C + c];
-        sum_gyx[c] += t2[t * C + c];
-      }
-}
-
-template <typename T>
-void backward_act(const ConvShape& s, Act a, const T* x, const T* w, const BwdParams<T>& p, const T* go, T* out,
-                  double* sum_gy, double* sum_gyx, bool store_z) {
-  dispatch_act(a, [&](auto A) {
-    backward_act_impl<T, decltype(A)::value>(s, x, w, p, go, out, sum_gy, sum_gyx, store_z);
-  });
-}
-
-// NHWC: zg holds z (backward_act with store_z); replaced in place by k1 * g + k2 * xhat + k3.
-template <typename T, int A>
-void gz_from_z_impl(const ConvShape& s, const BwdParams<T>& p, const T* go, T* zg) {
-  const int64_t C = s.C;
-  at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      T* row = zg + r * s.Wo * C;
-      bn_act_grad_row<T, A>(row, go + r * s.Wo * C, row, s.Wo, C, p, nullptr, nullptr);
-    }
-  });
-}
-
-template <typename T>
-void gz_from_z(const ConvShape& s, Act a, const BwdParams<T>& p, const T* go, T* zg) {
-  if (s.N == 0) return;
-  dispatch_act(a, [&](auto A) { gz_from_z_impl<T, decltype(A)::value>(s, p, go, zg); });
+  if (gw) {
+    std::fill(gw, gw + C * taps, 0.0);
+    std::fill(gb, gb + C, 0.0);
+  }
 }
 
 // ---- backward: input gradient (transposed depthwise conv, as a gather) ------------------------
@@ -985,8 +923,8 @@ inline void bwd_input_run(const ConvShape& s, const T* const* gzr, const TapList
   }
 }
 
-// NHWC input gradient, one input row at a time: the whole-tensor backward_input below, and the
-// small-plane NCHW backward on its slabs. Three ways, chosen once per shape:
+// NHWC input gradient, one or two input rows at a time, from a band of gz rows: in backward_rows,
+// and in the small-plane NCHW backward on its slabs. Three ways, chosen once per shape:
 //  * stride 1 with padding <= (K - 1) * D: conv(gz, flipped w) with padding (K-1)*D - P on the
 //    forward's row kernel;
 //  * other strides: the column runs of bwd_input_run;
@@ -1047,16 +985,24 @@ struct NhwcInputGrad {
   // Multiply-adds per input row, for the grain of a parallel loop over rows.
   int64_t row_work() const { return s.W * s.C * s.taps() / (flip ? 1 : std::max<int64_t>(1, s.SH * s.SW)); }
 
-  // Row (n, hi) of gx from gz (both NHWC with s's sizes).
-  void row(const T* gz, T* gx, int64_t n, int64_t hi) const {
+  // Rows [hi, hi_end) of one image's input gradient gxn from gz rows [ho0, ho0 + nrows) of that
+  // image at gzb (row ho at gzb + (ho - ho0) * Wo * C), which must hold every gz row those input
+  // rows read (the band of backward_rows). Returns the rows done: two where nhwc_conv_rows pairs
+  // them (the flipped conv of a 3x3 kernel), else one.
+  int64_t rows_from(const T* gzb, int64_t ho0, int64_t nrows, T* gxn, int64_t hi, int64_t hi_end) const {
     const int64_t C = s.C;
-    T* gr = gx + (n * s.H + hi) * s.W * C;
+    T* gr = gxn + hi * s.W * C;
     if (flip) {
-      nhwc_conv_row(t, gz, wf.data(), n, hi,
-                    [&](int64_t wi, int64_t c, int64_t cnt, V<T> acc) { store(acc, gr + wi * C + c, cnt); });
-      return;
+      // The band is the flipped conv's whole input: gz rows outside it are its padding, and an
+      // input row reads none of them but rows outside the image.
+      ConvShape u = t;
+      u.N = 1;
+      u.H = nrows;
+      u.PH = t.PH + ho0;
+      return nhwc_conv_rows(u, gzb, wf.data(), hi, hi_end, [&](int64_t dr, int64_t wi, int64_t c, int64_t cnt, V<T> acc) {
+        store(acc, gr + (dr * s.W + wi) * C + c, cnt);
+      });
     }
-    const T* gzn = gz + n * s.Ho * s.Wo * C;
     if (!use_runs) {
       constexpr int64_t VL = V<T>::size();
       for (int64_t wi = 0; wi < s.W; ++wi)
@@ -1065,15 +1011,15 @@ struct NhwcInputGrad {
           V<T> acc(0);
           for (auto [kh, ho] : row_taps[hi])
             for (auto [kw, wo] : col_taps[wi])
-              acc = at::vec::fmadd(load(w + (kh * s.KW + kw) * C + c, cnt), load(gzn + (ho * s.Wo + wo) * C + c, cnt),
-                                   acc);
+              acc = at::vec::fmadd(load(w + (kh * s.KW + kw) * C + c, cnt),
+                                   load(gzb + ((ho - ho0) * s.Wo + wo) * C + c, cnt), acc);
           store(acc, gr + wi * C + c, cnt);
         }
-      return;
+      return 1;
     }
     const TapList& rt = rows[hi];
     const T* gzr[4];
-    for (int a = 0; a < rt.n; ++a) gzr[a] = gzn + rt.o[a] * s.Wo * C;
+    for (int a = 0; a < rt.n; ++a) gzr[a] = gzb + (rt.o[a] - ho0) * s.Wo * C;
     for (const ColRun& run : runs) {
       const int nr = rt.n, nk = run.col.n;
       if (nr == 0 || nk == 0) {
@@ -1090,30 +1036,9 @@ struct NhwcInputGrad {
         bwd_input_run<T, 0, 0>(s, gzr, rt, run, w, gr);
       }
     }
+    return 1;
   }
 };
-
-// NHWC (NCHW: backward_planes). Stride 1 (the flipped conv): two rows of gx at a time where
-// nhwc_conv_rows can (a 3x3 kernel).
-template <typename T>
-void backward_input(const ConvShape& s, const T* gz, const T* w, T* gx) {
-  if (s.N == 0) return;
-  NhwcInputGrad<T> ig(s);
-  ig.set_weights(w, s.C);
-  at::parallel_for(0, s.N * s.H, grain_for(ig.row_work()), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1;) {
-      if (!ig.flip) {
-        ig.row(gz, gx, r / s.H, r % s.H);
-        ++r;
-        continue;
-      }
-      T* g0 = gx + r * s.W * s.C;
-      r += nhwc_conv_rows(ig.t, gz, ig.wf.data(), r, r1, [&](int64_t dr, int64_t wi, int64_t c, int64_t cnt, V<T> acc) {
-        store(acc, g0 + (dr * s.W + wi) * s.C + c, cnt);
-      });
-    }
-  });
-}
 
 // ---- backward: weight and bias gradients -----------------------------------------------------
 
@@ -1220,39 +1145,140 @@ inline void wgrad_row(const ConvShape& s, const T* x, const T* grow, int64_t n, 
   }
 }
 
-// NHWC (NCHW: backward_planes).
-template <typename T>
-void backward_weight(const ConvShape& s, const T* x, const T* gz, double* gw, double* gb) {
-  const int64_t C = s.C, taps = s.taps();
-  std::fill(gw, gw + C * taps, 0.0);
-  std::fill(gb, gb + C, 0.0);
+// NHWC (NCHW: backward_planes), the whole backward in one pass over chunks of output rows (a chunk:
+// one image, or a part of one when there are fewer images than threads). Per chunk, z = conv(x, w)
+// is recomputed two rows at a time (nhwc_conv_rows) into a band of a few rows, and bn_act_grad_row
+// takes each row to g and, with sums, the per-channel sums of g and g * xhat. If gx or gw, gz =
+// k1 * g + k2 * xhat + k3 replaces z in the band; there it feeds its row's weight and bias
+// gradient sums (wgrad_row) and, as soon as the band holds every gz row an input row reads, that
+// input row's gradient (NhwcInputGrad::rows_from). gz never goes to memory. An input row belongs to
+// the chunk of the last gz row it reads; a chunk first recomputes the gz rows before its own that
+// its input rows read (for 3x3 at stride 1 or 2, one row). Training calls this twice: the sums
+// (gx, gw null: no gz, no extra rows), then with k2 / k3 from them, the gradients (sum_gy null).
+// Before, four passes over whole tensors (z and the sums; gz from z; gx from gz; gw from gz) wrote
+// z, wrote gz and read it twice.
+template <typename T, int A>
+void backward_rows_impl(const ConvShape& s, const T* x, const T* w, const BwdParams<T>& p, const T* go, T* gx,
+                        double* gw, double* gb, double* sum_gy, double* sum_gyx) {
+  const int64_t C = s.C, taps = s.taps(), row = s.Wo * C;
+  const bool sums = sum_gy != nullptr, grads = gx || gw;
+  clear_backward_sums(C, taps, sum_gy, sum_gyx, gw, gb);
   if (s.N == 0) return;
+  // Input row hi reads gz rows in [lo[hi], own[hi]] (a row that reads none: own of the row before).
+  std::vector<int64_t> lo(s.H), own(s.H);
+  int64_t keep = 0;  // the most gz rows before its own that an input row reads
+  for (int64_t hi = 0, last = 0; hi < s.H; ++hi) {
+    int64_t mn = s.Ho, mx = -1;
+    for_each_tap(hi, s.PH, s.DH, s.SH, s.KH, s.Ho, [&](int64_t, int64_t o) {
+      mn = std::min(mn, o);
+      mx = std::max(mx, o);
+    });
+    if (mx >= 0) last = mx;
+    own[hi] = last;
+    lo[hi] = mx >= 0 ? mn : last;
+    keep = std::max(keep, own[hi] - lo[hi]);
+  }
+  // The input rows by their own row; first[ho]: the first of them whose own row is >= ho.
+  std::vector<int64_t> ord(s.H), first(s.Ho + 1);
+  for (int64_t hi = 0; hi < s.H; ++hi) ord[hi] = hi;
+  std::stable_sort(ord.begin(), ord.end(), [&](int64_t a, int64_t b) { return own[a] < own[b]; });
+  for (int64_t ho = 0, i = 0; ho <= s.Ho; ++ho) {
+    while (i < s.H && own[ord[i]] < ho) ++i;
+    first[ho] = i;
+  }
+  // Enough chunks that every thread gets the same number of them.
   const int nt = at::get_num_threads();
-  std::vector<double> tw(nt * taps * C, 0.0), tb(nt * C, 0.0);
-  // Sums in T over ~256 output pixels (several rows of a small map), then added to the thread's
-  // double sums: flushing every row cost a memset and a double add of taps * C values per row,
-  // as much as the row itself at 7x7.
-  const int64_t flush_rows = std::max<int64_t>(1, 256 / std::max<int64_t>(1, s.Wo));
-  at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C * taps), [&](int64_t r0, int64_t r1) {
-    std::vector<T> rw(taps * C, T(0)), rb(C, T(0));
-    const int tid = at::get_thread_num();
+  const int64_t per_thread = (s.N + nt - 1) / nt;
+  const int64_t parts = std::min(s.Ho, std::max<int64_t>(1, (nt * per_thread + s.N - 1) / s.N));
+  const int64_t chunks = s.N * parts;
+  const int64_t cap = keep + 8;  // band rows
+  std::vector<double> t1(sums ? nt * C : 0, 0.0), t2(sums ? nt * C : 0, 0.0), tw(gw ? nt * (taps + 1) * C : 0, 0.0);
+  at::parallel_for(0, chunks, grain_for(3 * s.Ho / parts * row * taps), [&](int64_t c0, int64_t c1) {
+    NhwcInputGrad<T> ig(s);
+    if (gx) ig.set_weights(w, C);
+    std::vector<T> band(cap * row), r1s(C), r2s(C), rw(gw ? taps * C : 0, T(0)), rb(gw ? C : 0, T(0));
+    std::vector<double> d1(sums ? C : 0, 0.0), d2(sums ? C : 0, 0.0), dw(gw ? (taps + 1) * C : 0, 0.0);
+    // Weight gradient sums in T over ~256 output pixels, then into double: flushing every row cost
+    // a memset and a double add of taps * C values per row, as much as the row itself at 7x7.
+    const int64_t flush_rows = std::max<int64_t>(1, 256 / s.Wo);
+    int64_t pending = 0;
     auto flush = [&] {
-      double* twt = tw.data() + tid * taps * C;
-      for (int64_t i = 0; i < taps * C; ++i) twt[i] += rw[i];
-      for (int64_t c = 0; c < C; ++c) tb[tid * C + c] += rb[c];
+      for (int64_t i = 0; i < taps * C; ++i) dw[i] += rw[i];
+      for (int64_t c = 0; c < C; ++c) dw[taps * C + c] += rb[c];
       std::fill(rw.begin(), rw.end(), T(0));
       std::fill(rb.begin(), rb.end(), T(0));
+      pending = 0;
     };
-    for (int64_t r = r0; r < r1; ++r) {
-      wgrad_row(s, x, gz + r * s.Wo * C, r / s.Ho, r % s.Ho, rw.data(), rb.data());
-      if ((r - r0) % flush_rows == flush_rows - 1 || r == r1 - 1) flush();
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      const int64_t n = ch / parts, part = ch % parts;
+      const int64_t a = part * s.Ho / parts, b = (part + 1) * s.Ho / parts;
+      const T* gon = go + n * s.Ho * row;
+      T* gxn = gx ? gx + n * s.H * s.W * C : nullptr;
+      int64_t b0 = gx ? std::max<int64_t>(0, a - keep) : a;  // the band holds gz rows [b0, pe)
+      int64_t next = first[a];                                 // the next input row (in ord) to do
+      const int64_t last = first[b];
+      for (int64_t pe = b0; pe < b;) {
+        if (pe + 2 > b0 + cap) {  // full: keep the rows the input rows still to do may read
+          const int64_t nb0 = std::max(b0, pe - keep);
+          std::memmove(band.data(), band.data() + (nb0 - b0) * row, sizeof(T) * (pe - nb0) * row);
+          b0 = nb0;
+        }
+        T* zb = band.data() + (pe - b0) * row;
+        const int64_t k = nhwc_conv_rows(s, x, w, n * s.Ho + pe, n * s.Ho + b,
+                                         [&](int64_t dr, int64_t wo, int64_t c, int64_t cnt, V<T> acc) {
+                                           store(acc, zb + dr * row + wo * C + c, cnt);
+                                         });
+        for (int64_t q = pe; q < pe + k; ++q) {
+          T* zr = zb + (q - pe) * row;
+          const bool mine = q >= a;
+          bn_act_grad_row<T, A>(zr, gon + q * row, grads ? zr : nullptr, s.Wo, C, p,
+                                sums && mine ? r1s.data() : nullptr, r2s.data());
+          if (!mine) continue;
+          if (sums)
+            for (int64_t c = 0; c < C; ++c) {
+              d1[c] += r1s[c];
+              d2[c] += r2s[c];
+            }
+          if (gw) {
+            wgrad_row(s, x, zr, n, q, rw.data(), rb.data());
+            if (++pending == flush_rows) flush();
+          }
+        }
+        pe += k;
+        if (!gx) continue;
+        const int64_t ready = first[pe];
+        while (next < std::min(ready, last)) {
+          const int64_t hi = ord[next];
+          const int64_t end = next + 1 < std::min(ready, last) && ord[next + 1] == hi + 1 ? hi + 2 : hi + 1;
+          next += ig.rows_from(band.data(), b0, pe - b0, gxn, hi, end);
+        }
+      }
     }
+    if (gw && pending > 0) flush();
+    const int tid = at::get_thread_num();
+    for (int64_t c = 0; c < C && sums; ++c) {
+      t1[tid * C + c] += d1[c];
+      t2[tid * C + c] += d2[c];
+    }
+    for (int64_t i = 0; i < (taps + 1) * C && gw; ++i) tw[tid * (taps + 1) * C + i] += dw[i];
   });
   for (int t = 0; t < nt; ++t) {
+    for (int64_t c = 0; c < C && sums; ++c) {
+      sum_gy[c] += t1[t * C + c];
+      sum_gyx[c] += t2[t * C + c];
+    }
+    if (!gw) continue;
+    const double* src = tw.data() + t * (taps + 1) * C;
     for (int64_t k = 0; k < taps; ++k)
-      for (int64_t c = 0; c < C; ++c) gw[c * taps + k] += tw[(t * taps + k) * C + c];
-    for (int64_t c = 0; c < C; ++c) gb[c] += tb[t * C + c];
+      for (int64_t c = 0; c < C; ++c) gw[c * taps + k] += src[k * C + c];
+    for (int64_t c = 0; c < C; ++c) gb[c] += src[taps * C + c];
   }
+}
+
+template <typename T>
+void backward_rows(const ConvShape& s, Act a, const T* x, const T* w, const BwdParams<T>& p, const T* go, T* gx,
+                   double* gw, double* gb, double* sum_gy, double* sum_gyx) {
+  dispatch_act(a, [&](auto A) { backward_rows_impl<T, decltype(A)::value>(s, x, w, p, go, gx, gw, gb, sum_gy, sum_gyx); });
 }
 
 // ---- backward: NCHW, one pass per plane --------------------------------------------------------
@@ -1450,18 +1476,6 @@ inline void bn_act_grad_line(const BnActGrad<T, A>& t, T* z, const T* go, int64_
       v1 = v1 + gm;
       v2 = at::vec::fmadd(gm, xh, v2);
     }
-  }
-}
-
-// Zeroes the outputs of an NCHW backward that are present (sum_gy / sum_gyx, gw / gb: nullable).
-inline void clear_backward_sums(int64_t C, int64_t taps, double* sum_gy, double* sum_gyx, double* gw, double* gb) {
-  if (sum_gy) {
-    std::fill(sum_gy, sum_gy + C, 0.0);
-    std::fill(sum_gyx, sum_gyx + C, 0.0);
-  }
-  if (gw) {
-    std::fill(gw, gw + C * taps, 0.0);
-    std::fill(gb, gb + C, 0.0);
   }
 }
 
@@ -1770,7 +1784,7 @@ void backward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const 
           }
         }
         if (gx) {
-          for (int64_t hi = 0; hi < s.H; ++hi) ig.row(zs.data(), gxs.data(), 0, hi);
+          for (int64_t hi = 0; hi < s.H;) hi += ig.rows_from(zs.data(), 0, s.Ho, gxs.data(), hi, s.H);
           Slab<T>::out(gxs.data(), C, HW, n, c0, cb, gx);
         }
       };
@@ -1822,9 +1836,8 @@ void backward_small_nchw(const ConvShape& s, Act a, const T* x, const T* w, cons
 
 template <typename T>
 constexpr DWKernels<T> make_kernels() {
-  return DWKernels<T>{&forward<T>,         &scale_shift_act<T>, &backward_act<T>, &gz_from_z<T>,
-                      &backward_input<T>,  &backward_weight<T>, &backward_planes<T>, &transpose<T>,
-                      &forward_small_nchw<T>, &backward_small_nchw<T>};
+  return DWKernels<T>{&forward<T>,         &scale_shift_act<T>, &backward_rows<T>,       &backward_planes<T>,
+                      &transpose<T>,       &forward_small_nchw<T>, &backward_small_nchw<T>};
 }
 
 }  // namespace fastdw::cpu::CPU_CAPABILITY

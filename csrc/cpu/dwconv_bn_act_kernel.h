@@ -27,23 +27,16 @@ struct DWKernels {
                   double* var);
   // out = act(out * scale[c] + shift[c]), in place.
   void (*scale_shift_act)(const ConvShape&, Act, T* out, const T* scale, const T* shift);
-  // NHWC only: recompute z = conv(x, w), xhat = (z + a0) * a1, y = xhat * gamma + beta,
-  // g = grad_out * act'(y).
-  // out (nullable): k1 * g + k2 * xhat + k3, the conv-output gradient. sum_gy/sum_gy_xhat
-  // (nullable): per-channel sums of g and g * xhat (the BN parameter gradients). store_z: out gets
-  // z itself instead (training's first pass, which needs the sums before the gradient exists).
-  void (*backward_act)(const ConvShape&, Act, const T* x, const T* w, const BwdParams<T>& p, const T* grad_out,
-                       T* out, double* sum_gy, double* sum_gy_xhat, bool store_z);
-  // NHWC only: zg holds z from backward_act(store_z); replaced in place by k1 * g + k2 * xhat + k3.
-  void (*gz_from_z)(const ConvShape&, Act, const BwdParams<T>& p, const T* grad_out, T* zg);
-  // NHWC only: grad_input = conv_transpose(gz, w) (a gather, so threads never write the same
-  // element).
-  void (*backward_input)(const ConvShape&, const T* gz, const T* w, T* gx);
-  // NHWC only: grad_weight[c][tap] and grad_bias[c] as double sums over N, Ho, Wo (deterministic
-  // order).
-  void (*backward_weight)(const ConvShape&, const T* x, const T* gz, double* gw, double* gb);
+  // NHWC, the whole backward: z = conv(x, w) recomputed, xhat = (z + a0) * a1, y = xhat * gamma +
+  // beta, g = grad_out * act'(y); sum_gy / sum_gy_xhat (nullable): per-channel sums of g and
+  // g * xhat (the BN parameter gradients); the conv-output gradient gz = k1 * g + k2 * xhat + k3,
+  // never stored, feeds gx (nullable; a gather, so threads never write the same element) and
+  // gw[c][tap] / gb[c] (nullable; double sums, deterministic order). Training: call with the
+  // sums only, then with the gradients and k2 / k3 derived from them.
+  void (*backward_rows)(const ConvShape&, Act, const T* x, const T* w, const BwdParams<T>& p, const T* grad_out,
+                        T* gx, double* gw, double* gb, double* sum_gy, double* sum_gy_xhat);
   // NCHW, the whole backward: gz recomputed per plane and, without going to memory, gx
-  // (nullable) and gw / gb (nullable, as backward_weight); sum_gy / sum_gy_xhat as backward_act
+  // (nullable) and gw / gb (nullable, as backward_rows); sum_gy / sum_gy_xhat as backward_rows
   // (nullable in eval; in training required, and k2 / k3 of p are ignored: the kernel derives
   // them per channel from the sums, as bn_train_terms).
   void (*backward_planes)(const ConvShape&, Act, const T* x, const T* w, const BwdParams<T>& p, const T* grad_out,
