@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "cpu/dwconv_bn_act_kernel.h"
@@ -228,13 +229,17 @@ inline void nhwc_conv_group_t(const ConvShape& s, const T* x, const T* w, int64_
   for (; wo < s.Wo; ++wo) edge(wo);
 }
 
-// One output row, 4 channel vectors at a time (64 float channels): the weights and the input
-// columns of a group stay in L1 across the row. Looping over all channels per column instead
+// The NHWC row kernels take 4 channel vectors at a time (64 float channels): the weights and the
+// input columns of a group stay in L1 across the row. Looping over all channels per column instead
 // streamed the whole weight tensor from L2 once per output pixel, which bounded 7x7 / 14x14 maps
 // with hundreds of channels by L2 bandwidth (~4 cycles per FMA).
+template <typename T>
+constexpr int64_t kChannelGroup = 4 * V<T>::size();
+
+// One output row, one channel group after the other.
 template <typename T, int KWT, typename Epi>
 inline void nhwc_conv_row_t(const ConvShape& s, const T* x, const T* w, int64_t n, int64_t ho, Epi&& epi) {
-  constexpr int64_t CB = 4 * V<T>::size();
+  constexpr int64_t CB = kChannelGroup<T>;
   for (int64_t cb = 0; cb < s.C; cb += CB) nhwc_conv_group_t<T, KWT>(s, x, w, n, ho, cb, std::min(s.C, cb + CB), epi);
 }
 
@@ -338,7 +343,7 @@ template <typename T, typename Epi>
 inline int64_t nhwc_conv_rows(const ConvShape& s, const T* x, const T* w, int64_t r, int64_t r_end, Epi&& epi) {
   const int64_t n = r / s.Ho, ho = r % s.Ho;
   if (r + 1 < r_end && nhwc_pair_ok(s, ho)) {
-    constexpr int64_t CB = 4 * V<T>::size();
+    constexpr int64_t CB = kChannelGroup<T>;
     for (int64_t cb = 0; cb < s.C; cb += CB) {
       const int64_t ce = std::min(s.C, cb + CB);
       if (s.SH == 1) nhwc_conv_pair_group_t<T, 1>(s, x, w, n, ho, cb, ce, epi);
@@ -1191,12 +1196,14 @@ void backward_rows_impl(const ConvShape& s, const T* x, const T* w, const BwdPar
   const int64_t per_thread = (s.N + nt - 1) / nt;
   const int64_t parts = std::min(s.Ho, std::max<int64_t>(1, (nt * per_thread + s.N - 1) / s.N));
   const int64_t chunks = s.N * parts;
-  const int64_t cap = keep + 8;  // band rows
+  const int64_t hold = gx ? keep : 0;  // band rows kept when it moves on
+  const int64_t cap = hold + (gx ? 8 : 2);  // band rows
   std::vector<double> t1(sums ? nt * C : 0, 0.0), t2(sums ? nt * C : 0, 0.0), tw(gw ? nt * (taps + 1) * C : 0, 0.0);
   at::parallel_for(0, chunks, grain_for(3 * s.Ho / parts * row * taps), [&](int64_t c0, int64_t c1) {
     NhwcInputGrad<T> ig(s);
     if (gx) ig.set_weights(w, C);
-    std::vector<T> band(cap * row), r1s(C), r2s(C), rw(gw ? taps * C : 0, T(0)), rb(gw ? C : 0, T(0));
+    std::unique_ptr<T[]> band(new T[cap * row]);  // not zeroed: at 7x7x960, zeroing it was 6% of the backward
+    std::vector<T> r1s(C), r2s(C), rw(gw ? taps * C : 0, T(0)), rb(gw ? C : 0, T(0));
     std::vector<double> d1(sums ? C : 0, 0.0), d2(sums ? C : 0, 0.0), dw(gw ? (taps + 1) * C : 0, 0.0);
     // Weight gradient sums in T over ~256 output pixels, then into double: flushing every row cost
     // a memset and a double add of taps * C values per row, as much as the row itself at 7x7.
@@ -1211,7 +1218,9 @@ void backward_rows_impl(const ConvShape& s, const T* x, const T* w, const BwdPar
     };
     for (int64_t ch = c0; ch < c1; ++ch) {
       const int64_t n = ch / parts, part = ch % parts;
-      const int64_t a = part * s.Ho / parts, b = (part + 1) * s.Ho / parts;
+      // Split points rounded up: the later part also recomputes the gz rows before it (7 rows in
+      // 2 parts: 4 + 3, each part then 4 gz rows, and 3 and 4 input rows).
+      const int64_t a = (part * s.Ho + parts - 1) / parts, b = ((part + 1) * s.Ho + parts - 1) / parts;
       const T* gon = go + n * s.Ho * row;
       T* gxn = gx ? gx + n * s.H * s.W * C : nullptr;
       int64_t b0 = gx ? std::max<int64_t>(0, a - keep) : a;  // the band holds gz rows [b0, pe)
@@ -1219,11 +1228,11 @@ void backward_rows_impl(const ConvShape& s, const T* x, const T* w, const BwdPar
       const int64_t last = first[b];
       for (int64_t pe = b0; pe < b;) {
         if (pe + 2 > b0 + cap) {  // full: keep the rows the input rows still to do may read
-          const int64_t nb0 = std::max(b0, pe - keep);
-          std::memmove(band.data(), band.data() + (nb0 - b0) * row, sizeof(T) * (pe - nb0) * row);
+          const int64_t nb0 = std::max(b0, pe - hold);
+          std::memmove(band.get(), band.get() + (nb0 - b0) * row, sizeof(T) * (pe - nb0) * row);
           b0 = nb0;
         }
-        T* zb = band.data() + (pe - b0) * row;
+        T* zb = band.get() + (pe - b0) * row;
         const int64_t k = nhwc_conv_rows(s, x, w, n * s.Ho + pe, n * s.Ho + b,
                                          [&](int64_t dr, int64_t wo, int64_t c, int64_t cnt, V<T> acc) {
                                            store(acc, zb + dr * row + wo * C + c, cnt);
@@ -1250,7 +1259,7 @@ void backward_rows_impl(const ConvShape& s, const T* x, const T* w, const BwdPar
         while (next < std::min(ready, last)) {
           const int64_t hi = ord[next];
           const int64_t end = next + 1 < std::min(ready, last) && ord[next + 1] == hi + 1 ? hi + 2 : hi + 1;
-          next += ig.rows_from(band.data(), b0, pe - b0, gxn, hi, end);
+          next += ig.rows_from(band.get(), b0, pe - b0, gxn, hi, end);
         }
       }
     }
@@ -1650,7 +1659,7 @@ void transpose(const T* src, T* dst, int64_t N, int64_t R, int64_t Cols) {
 // C = cb).
 template <typename T>
 struct Slab {
-  static constexpr int64_t CB = 4 * V<T>::size();  // one channel group of nhwc_conv_group_t
+  static constexpr int64_t CB = kChannelGroup<T>;  // one channel group of the NHWC row kernels
   const ConvShape& s;
   int64_t nb;  // channel blocks
   ConvShape u;
