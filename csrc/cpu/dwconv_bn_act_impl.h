@@ -987,9 +987,6 @@ struct NhwcInputGrad {
                     sizeof(T) * C);
   }
 
-  // Multiply-adds per input row, for the grain of a parallel loop over rows.
-  int64_t row_work() const { return s.W * s.C * s.taps() / (flip ? 1 : std::max<int64_t>(1, s.SH * s.SW)); }
-
   // Rows [hi, hi_end) of one image's input gradient gxn from gz rows [ho0, ho0 + nrows) of that
   // image at gzb (row ho at gzb + (ho - ho0) * Wo * C), which must hold every gz row those input
   // rows read (the band of backward_rows). Returns the rows done: two where nhwc_conv_rows pairs
@@ -1223,7 +1220,7 @@ void backward_rows_impl(const ConvShape& s, const T* x, const T* w, const BwdPar
       const int64_t a = (part * s.Ho + parts - 1) / parts, b = ((part + 1) * s.Ho + parts - 1) / parts;
       const T* gon = go + n * s.Ho * row;
       T* gxn = gx ? gx + n * s.H * s.W * C : nullptr;
-      int64_t b0 = gx ? std::max<int64_t>(0, a - keep) : a;  // the band holds gz rows [b0, pe)
+      int64_t b0 = std::max<int64_t>(0, a - hold);  // the band holds gz rows [b0, pe)
       int64_t next = first[a];                                 // the next input row (in ord) to do
       const int64_t last = first[b];
       for (int64_t pe = b0; pe < b;) {
