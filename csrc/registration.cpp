@@ -18,6 +18,11 @@ TORCH_LIBRARY(fastdw, m) {
       "Tensor? bn_bias, Tensor? mean, Tensor? var, bool training, float eps, int[2] stride, "
       "int[2] padding, int[2] dilation, str activation, bool[5] output_mask, int shuffle_groups=1) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // BatchNorm2d's running-statistics update from a training-mode dwconv_bn_act's batch mean and
+  // biased variance of `count` values per channel (csrc/bn_running_update.cpp).
+  m.def(
+      "bn_running_update(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
+      "Tensor mean, Tensor var, float factor, int count) -> ()");
   // Squeeze-and-Excitation: returns (x * gate(fc2(act(fc1(mean_hw(x))))), mean_hw(x) as [N, C]).
   m.def(
       "se_scale(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "

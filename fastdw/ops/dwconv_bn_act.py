@@ -129,7 +129,14 @@ def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
     """BatchNorm2d's update, in place: ``num_batches_tracked += 1``, and the running statistics move
     by ``factor`` towards the batch mean and the unbiased batch variance (``var`` is the biased
     variance of ``count`` values per channel). The two statistics are updated by one foreach op per
-    step: 4 small ops instead of 8 (~10 us less per layer at batch 1)."""
+    step: 4 small ops instead of 8 (~10 us less per layer at batch 1). With the extension loaded,
+    plain tensors outside torch.compile take ``fastdw::bn_running_update`` instead: one call."""
+    if _backend.extension_loaded() and type(running_mean) is torch.Tensor and type(mean) is torch.Tensor \
+            and not torch.compiler.is_compiling():
+        # One C++ op (csrc/bn_running_update.cpp): the four ATen calls below cost ~16 us a layer.
+        torch.ops.fastdw.bn_running_update.default(running_mean, running_var, num_batches_tracked, mean, var,
+                                                   factor, count)
+        return
     with torch.no_grad():
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
@@ -240,4 +247,6 @@ def _register(prefix: str = "") -> None:
 
 if _backend.extension_loaded():
     _register()
+    # The running-statistics update mutates its first three arguments and returns nothing.
+    torch.library.register_fake("fastdw::bn_running_update")(lambda *args: None)
 _backend.on_triton_load(lambda: _register("triton_"))
