@@ -415,6 +415,11 @@ def test_large_tensors(case, dtype):
     (Case((2, 16, 9, 9), stride=2, padding=2, channels_last=True, activation="none"), torch.float64),
     (Case((4, 144, 14, 14), channels_last=True), torch.float32),
     (Case((2, 96, 15, 15), stride=2, channels_last=True), torch.float32),
+    # interior columns left after the blocks of 4 (and of 8) taken as one block of 3 or 2, and
+    # edge columns of four channel vectors and a partial one (float64: 8 lanes)
+    (Case((2, 72, 10, 9), channels_last=True, activation="relu6"), torch.float64),
+    (Case((1, 40, 8, 17), stride=2, bias=True, channels_last=True), torch.float64),
+    (Case((1, 96, 7, 7), channels_last=True), torch.float32),
 ], ids=str)
 def test_two_row_blocks(case, dtype, training):
     check_case(replace(case, training=training), dtype)

@@ -217,8 +217,17 @@ inline void nhwc_conv_group_t(const ConvShape& s, const T* x, const T* w, int64_
           if (c < ce) run(c, std::false_type{});
         }
       };
-      if (SW == 1) fast(std::integral_constant<int, 1>{}, std::integral_constant<int, 8>{});
-      else fast(std::integral_constant<int, 2>{}, std::integral_constant<int, 4>{});
+      // Then the interior columns left over, in narrower blocks of the same kernel rather than
+      // the edge path (7 output columns: one of the five interior ones; 56: two of 54).
+      auto rest = [&](auto sw) {
+        if constexpr (decltype(sw)::value == 1) fast(sw, std::integral_constant<int, 8>{});
+        fast(sw, std::integral_constant<int, 4>{});
+        if (whi - wo == 3) fast(sw, std::integral_constant<int, 3>{});
+        else if (whi - wo == 2) fast(sw, std::integral_constant<int, 2>{});
+        else if (whi - wo == 1) fast(sw, std::integral_constant<int, 1>{});
+      };
+      if (SW == 1) rest(std::integral_constant<int, 1>{});
+      else rest(std::integral_constant<int, 2>{});
     }
   }
   for (; wo + 4 <= whi; wo += 4) {
@@ -272,16 +281,30 @@ template <typename T, int S, typename Epi>
 inline void nhwc_conv_pair_group_t(const ConvShape& s, const T* x, const T* w, int64_t n, int64_t ho, int64_t cb,
                                    int64_t ce, Epi&& epi) {
   constexpr int64_t VL = V<T>::size();
-  constexpr int NB = 4, NX = (NB - 1) * S + 3, R = S + 3;
+  constexpr int NBMAX = 4, R = S + 3;
   const int64_t C = s.C, hi0 = ho * S - s.PH;
   const T* xn = x + n * s.H * s.W * C;
-  // Columns with taps outside the image (and those left over from the blocks of NB): one column
-  // and one channel vector at a time, for each of the two rows.
+  // Columns with taps outside the image: one column at a time, for each of the two rows, four
+  // channel vectors at a time (four independent FMA chains, as in nhwc_conv_group_t's edge; one
+  // vector at a time, each output waited on a chain of 6-9 dependent FMAs).
   auto edge = [&](int64_t wo) {
     const int64_t wi0 = wo * S - s.PW;
     int64_t kw0, kw1;
     tap_range(wi0, 1, 3, s.W, kw0, kw1);
-    for (int64_t c = cb; c < ce; c += VL) {
+    int64_t c0 = cb;
+    for (; c0 + 4 * VL <= ce; c0 += 4 * VL)
+      for (int64_t dr = 0; dr < 2; ++dr) {
+        V<T> a[4] = {V<T>(0), V<T>(0), V<T>(0), V<T>(0)};
+        for (int64_t kh = 0; kh < 3; ++kh) {
+          const T* xr = xn + ((hi0 + dr * S + kh) * s.W + wi0) * C + c0;
+          const T* wr = w + kh * 3 * C + c0;
+          for (int64_t kw = kw0; kw < kw1; ++kw)
+            for (int q = 0; q < 4; ++q)
+              a[q] = at::vec::fmadd(V<T>::loadu(wr + kw * C + q * VL), V<T>::loadu(xr + kw * C + q * VL), a[q]);
+        }
+        for (int q = 0; q < 4; ++q) epi(dr, wo, c0 + q * VL, VL, a[q]);
+      }
+    for (int64_t c = c0; c < ce; c += VL) {
       const int64_t cnt = std::min(VL, ce - c);
       for (int64_t dr = 0; dr < 2; ++dr) {
         V<T> acc(0);
@@ -301,8 +324,9 @@ inline void nhwc_conv_pair_group_t(const ConvShape& s, const T* x, const T* w, i
   const int64_t whi = num < 0 ? wlo : std::max(wlo, std::min(s.Wo, num / S + 1));
   int64_t wo = 0;
   for (; wo < wlo; ++wo) edge(wo);
-  auto run = [&](int64_t c, auto full) {
+  auto run = [&](int64_t c, auto full, auto nb) {
     constexpr bool FULL = decltype(full)::value;
+    constexpr int NB = decltype(nb)::value, NX = (NB - 1) * S + 3;
     const int64_t cnt = FULL ? VL : ce - c;
     auto ld = [&](const T* p) { if constexpr (FULL) return V<T>::loadu(p); else return V<T>::loadu(p, cnt); };
     V<T> a0[NB], a1[NB];
@@ -329,11 +353,18 @@ inline void nhwc_conv_pair_group_t(const ConvShape& s, const T* x, const T* w, i
     for (int j = 0; j < NB; ++j) epi(0, wo + j, c, cnt, a0[j]);
     for (int j = 0; j < NB; ++j) epi(1, wo + j, c, cnt, a1[j]);
   };
-  for (; wo + NB <= whi; wo += NB) {
+  auto cols = [&](auto nb) {
     int64_t c = cb;
-    for (; c + VL <= ce; c += VL) run(c, std::true_type{});
-    if (c < ce) run(c, std::false_type{});
-  }
+    for (; c + VL <= ce; c += VL) run(c, std::true_type{}, nb);
+    if (c < ce) run(c, std::false_type{}, nb);
+    wo += decltype(nb)::value;
+  };
+  while (wo + NBMAX <= whi) cols(std::integral_constant<int, NBMAX>{});
+  // The interior columns left over (fewer than NBMAX) in one narrower block, not the edge path: at
+  // 7 columns (stride 1) one of the five interior columns, at 56 two of 54.
+  if (whi - wo == 3) cols(std::integral_constant<int, 3>{});
+  else if (whi - wo == 2) cols(std::integral_constant<int, 2>{});
+  else if (whi - wo == 1) cols(std::integral_constant<int, 1>{});
   for (; wo < s.Wo; ++wo) edge(wo);
 }
 
