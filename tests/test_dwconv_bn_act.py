@@ -425,6 +425,29 @@ def test_two_row_blocks(case, dtype, training):
     check_case(replace(case, training=training), dtype)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("case,dtype", [
+    # channels_last planes of at most 64 pixels: the backward runs on slabs of 64 channels copied
+    # out of each pixel (use_slabs_for_tiny_nhwc): batch 1 (sums and gradients from one recompute)
+    # and more, channel counts with a partial slab and a partial vector, stride 2, 5x5 at dilation
+    # 2, 1x1 maps, no BN.
+    (Case((1, 72, 7, 7), channels_last=True), torch.float64),
+    (Case((3, 20, 8, 8), stride=2, bias=True, channels_last=True, activation="hardswish"), torch.float64),
+    (Case((2, 12, 6, 5), 5, dilation=2, channels_last=True, activation="silu"), torch.float64),
+    (Case((4, 8, 1, 1), channels_last=True, activation="relu"), torch.float64),
+    (Case((2, 200, 4, 7), bn="none", bias=True, channels_last=True, activation="none"), torch.float64),
+    (Case((1, 960, 7, 7), channels_last=True), torch.float32),
+], ids=str)
+def test_tiny_nhwc_planes_on_slabs(case, dtype, training, threads):
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        check_case(replace(case, training=training), dtype)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("case", [

@@ -20,6 +20,9 @@ struct ConvShape {
   // CPU, NCHW only: channel c of the conv reads input plane chan_src[c] (and writes its input
   // gradient there): a channel shuffle absorbed into the read. nullptr = identity.
   const int64_t* chan_src = nullptr;
+  // CPU slab kernels (forward_small_nchw, backward_small_nchw): the tensors are NHWC, a slab is
+  // channels [c0, c0 + cb) of every pixel (else NCHW planes, transposed into the slab).
+  bool nhwc_slabs = false;
   int64_t taps() const { return KH * KW; }
   // Offset of input plane (n, c) in an NCHW tensor, through chan_src.
   int64_t in_plane(int64_t p) const {

@@ -1695,15 +1695,27 @@ struct Slab {
     u.N = 1;
     u.cl = true;
     u.chan_src = nullptr;
+    u.nhwc_slabs = false;
   }
   int64_t c0(int64_t b) const { return b * CB; }
   int64_t width(int64_t b) const { return std::min(CB, s.C - b * CB); }
-  // planes [cb][HW] of image n from channel c0 -> slab [HW][cb]
-  static void in(const T* t, int64_t C, int64_t HW, int64_t n, int64_t c0, int64_t cb, T* slab) {
+  // image n's channels [c0, c0 + cb) of HW pixels -> slab [HW][cb]: NCHW planes [cb][HW]
+  // transposed, or (s.nhwc_slabs) each NHWC pixel's cb channels copied
+  void in(const T* t, int64_t HW, int64_t n, int64_t c0, int64_t cb, T* slab) const {
+    const int64_t C = s.C;
+    if (s.nhwc_slabs) {
+      for (int64_t q = 0; q < HW; ++q) std::memcpy(slab + q * cb, t + (n * HW + q) * C + c0, sizeof(T) * cb);
+      return;
+    }
     transpose_tile<T>(t + (n * C + c0) * HW, HW, slab, cb, static_cast<int>(cb), static_cast<int>(HW));
   }
-  // slab [HW][cb] -> planes [cb][HW]
-  static void out(const T* slab, int64_t C, int64_t HW, int64_t n, int64_t c0, int64_t cb, T* t) {
+  // slab [HW][cb] -> image n's channels [c0, c0 + cb), the inverse of in
+  void out(const T* slab, int64_t HW, int64_t n, int64_t c0, int64_t cb, T* t) const {
+    const int64_t C = s.C;
+    if (s.nhwc_slabs) {
+      for (int64_t q = 0; q < HW; ++q) std::memcpy(t + (n * HW + q) * C + c0, slab + q * cb, sizeof(T) * cb);
+      return;
+    }
     transpose_tile<T>(slab, cb, t + (n * C + c0) * HW, HW, static_cast<int>(HW), static_cast<int>(cb));
   }
   // The weights of block [c0, c0 + cb) from w [taps][C] into wsl [taps][cb].
@@ -1729,7 +1741,7 @@ void forward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const T
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / sl.nb, c0 = sl.c0(t % sl.nb), cb = sl.width(t % sl.nb);
       u.C = cb;
-      Slab<T>::in(x, C, HW, n, c0, cb, xin.data());
+      sl.in(x, HW, n, c0, cb, xin.data());
       sl.weights(w, c0, cb, wsl.data());
       for (int64_t ho = 0; ho < s.Ho; ++ho) {
         T* orow = yout.data() + ho * s.Wo * cb;
@@ -1748,7 +1760,7 @@ void forward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const T
           pm2[n * C + c0 + c] = std::max(0.0, d2 - d1 * d1 / double(HWo));
         }
       }
-      Slab<T>::out(yout.data(), C, HWo, n, c0, cb, out);
+      sl.out(yout.data(), HWo, n, c0, cb, out);
     }
   });
   if (stats) merge_image_stats(s.N, C, HWo, pmean.data(), pm2.data(), mean, var);
@@ -1793,8 +1805,8 @@ void backward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const 
                             training ? k2.data() : p.k2 + c0, training ? k3.data() : p.k3 + c0};
       // z of image n into zs (x and grad_out into their slabs on the way)
       auto slab_z = [&](int64_t n) {
-        Slab<T>::in(x, C, HW, n, c0, cb, xs.data());
-        Slab<T>::in(go, C, HWo, n, c0, cb, gos.data());
+        sl.in(x, HW, n, c0, cb, xs.data());
+        sl.in(go, HWo, n, c0, cb, gos.data());
         for (int64_t ho = 0; ho < s.Ho; ++ho) {
           T* zr = zs.data() + ho * s.Wo * cb;
           nhwc_conv_row(u, xs.data(), wsl.data(), 0, ho,
@@ -1822,7 +1834,7 @@ void backward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const 
         }
         if (gx) {
           for (int64_t hi = 0; hi < s.H;) hi += ig.rows_from(zs.data(), 0, s.Ho, gxs.data(), hi, s.H);
-          Slab<T>::out(gxs.data(), C, HW, n, c0, cb, gx);
+          sl.out(gxs.data(), HW, n, c0, cb, gx);
         }
       };
       if (!training) {
