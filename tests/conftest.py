@@ -15,6 +15,11 @@ from torch import nn
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The CPU kernels stream channels_last eval outputs of at least this many bytes; the default
+# depends on the machine's L3 size (stream_min_bytes in csrc/cpu/dwconv_bn_act_impl.h). A fixed
+# 8 MiB makes test_large_tensors take the streaming path on every machine. Read at the first call.
+os.environ.setdefault("FASTDW_STREAM_MIN_BYTES", str(8 << 20))
+
 import fastdw  # noqa: E402
 
 ALL_CAPABILITIES = ("default", "avx2", "avx512")

@@ -383,7 +383,8 @@ def test_small_nchw_planes_on_slabs(dtype, training):
 
 
 @pytest.mark.parametrize("case,dtype", [
-    # channels_last eval outputs of >= 8 MiB are written with non-temporal stores (kStreamBytes):
+    # channels_last eval outputs of >= 8 MiB (FASTDW_STREAM_MIN_BYTES in conftest) are written
+    # with non-temporal stores:
     # C a multiple of the vector (every store streams), C = 72 (pixels alternately aligned and not:
     # streamed and plain stores mixed) and C = 20 (a partial vector per pixel); float64 too
     (Case((1, 64, 256, 256), channels_last=True), torch.float32),
@@ -422,6 +423,26 @@ def test_large_tensors(case, dtype):
     (Case((1, 96, 7, 7), channels_last=True), torch.float32),
 ], ids=str)
 def test_two_row_blocks(case, dtype, training):
+    check_case(replace(case, training=training), dtype)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("case,dtype", [
+    # NCHW planes of more than 256 pixels go through the phase buffer (PlaneBuf), whose origin and
+    # phase spacing depend on the padding so that the fill's vector stores are aligned: paddings
+    # 0-3 at stride 1 and 2 (first image column in each phase 0, 1 or 2), odd and even widths,
+    # 5x5 and 7x7, stride 3 (unaligned phases), float32 (16 lanes) and float64 (8).
+    (Case((2, 3, 19, 37), 3, padding=0, stride=2), torch.float64),
+    (Case((2, 3, 19, 37), 3, padding=1, stride=2, bias=True), torch.float32),
+    (Case((1, 3, 20, 34), 5, padding=2, stride=2, activation="hardswish"), torch.float64),
+    (Case((1, 3, 20, 35), 5, padding=3, stride=2), torch.float32),
+    (Case((1, 3, 17, 40), 7, padding=3, stride=2, activation="silu"), torch.float64),
+    (Case((2, 3, 18, 33), 3, padding=0), torch.float32),
+    (Case((2, 3, 18, 33), 5, padding=2, bias=True), torch.float64),
+    (Case((1, 3, 18, 30), 7, padding=3, activation="relu"), torch.float32),
+    (Case((2, 3, 19, 37), 3, padding=2, stride=3), torch.float64),
+], ids=str)
+def test_nchw_phase_buffer_paddings(case, dtype, training):
     check_case(replace(case, training=training), dtype)
 
 

@@ -81,22 +81,38 @@ std::vector<int64_t> shuffle_sources(int64_t C, int64_t g) {
   return src;
 }
 
-// Small NCHW planes (MobileNet's 7x7 and 14x14 layers) waste most of each vector along W and pay
-// a per-plane setup; there the channels_last kernels run instead: on slabs of 64 channels
-// transposed inside the kernel (forward_small_nchw, backward_small_nchw) when x is dense, else on
-// a transposed copy. The result is returned in NCHW as usual.
-bool use_nhwc_for_small_planes(const ConvShape& s, int64_t shuffle_groups) {
-  return !s.cl && shuffle_groups == 1 && s.H * s.W <= 256 && s.C >= 8;
-}
+// Which kernels run a call. Small NCHW planes (MobileNet's 7x7 and 14x14 layers) waste most of
+// each vector along W and pay a per-plane setup; there the channels_last kernels run instead: on
+// slabs of 64 channels transposed inside the kernel (forward_small_nchw, backward_small_nchw) when
+// x is dense, else on a transposed copy; the result is returned in NCHW as usual.
+// Tiny channels_last planes (<= 64 pixels, MobileNet's 7x7 layers) run on slabs too, each slab's
+// channels copied out of every pixel (ConvShape::nhwc_slabs): one task per 64 channels over the
+// whole batch, and at batch 1 the training backward's sums and gradients from one recompute of z
+// (the row kernel, backward_rows, splits a 7-row image between threads, recomputes the rows either
+// side of the split and z twice). Training step at 1x960x7x7, 2 threads, in one run of
+// python -m bench.dwconv_bn_act: channels_last 0.419-0.435 ms, NCHW (slabs) 0.355-0.380. Their
+// forward stays on the row kernel: on slabs, 1x960x7x7 eval took 39.5-46.4 us against 36.7-38.1
+// and the training forward 60-67 against 65-66 (two runs each, 2 threads).
+struct KernelPath {
+  bool slabs = false;      // forward_small_nchw / backward_small_nchw
+  bool nhwc_copy = false;  // NCHW x on a channels_last copy: results relayouted back to NCHW
+  at::MemoryFormat fmt;    // the layout the kernels read and write
+};
 
-// The channels_last backward of tiny planes (MobileNet's 7x7 layers) runs on channel slabs too,
-// each slab's channels copied out of every pixel: one task per 64 channels over the whole batch,
-// and at batch 1 the training backward's sums and gradients from one recompute of z (the row
-// kernel, backward_rows, splits a 7-row image between threads, recomputes the rows either side of
-// the split and z twice). Training step at 1x960x7x7, 2 threads, in one run of
-// python -m bench.dwconv_bn_act: channels_last 0.419-0.435 ms, NCHW (slabs) 0.355-0.380.
-bool use_slabs_for_tiny_nhwc(const ConvShape& s, int64_t shuffle_groups) {
-  return s.cl && shuffle_groups == 1 && s.H * s.W <= 64 && s.C >= 8;
+// Chooses the path from x's own layout and sets s.cl / s.nhwc_slabs for the kernels.
+KernelPath choose_path(ConvShape& s, const at::Tensor& x, int64_t shuffle_groups, bool backward) {
+  KernelPath k;
+  const bool plain = shuffle_groups == 1 && s.C >= 8;
+  if (plain && !s.cl && s.H * s.W <= 256) {
+    k.slabs = x.is_contiguous();
+    k.nhwc_copy = !k.slabs;
+    s.cl = true;
+  } else if (plain && s.cl && s.H * s.W <= 64 && backward) {
+    k.slabs = true;
+    s.nhwc_slabs = true;
+  }
+  k.fmt = s.cl && !(k.slabs && !s.nhwc_slabs) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  return k;
 }
 
 template <typename T>
@@ -138,13 +154,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
                                activation, shuffle_groups);
   check_dwconv_forward(s, mean, var, training);
   const std::vector<int64_t> src = shuffle_sources(s.C, shuffle_groups);
-  const bool nchw_as_nhwc = use_nhwc_for_small_planes(s, shuffle_groups);
-  // dense NCHW small planes: the NHWC kernel over transposed slabs, x and out stay NCHW
-  const bool slabs = nchw_as_nhwc && x.is_contiguous();
-  if (nchw_as_nhwc) s.cl = true;
+  const KernelPath path = choose_path(s, x, shuffle_groups, /*backward=*/false);
+  const bool slabs = path.slabs;
   const bool has_stats = defined(mean);
   const bool normalises = training || has_stats;
-  const auto fmt = s.cl && !slabs ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto fmt = path.fmt;
   at::Tensor xc = shuffle_groups > 1 && s.cl ? shuffled(x, shuffle_groups, fmt) : relayout(x, fmt);
   if (shuffle_groups > 1 && !s.cl) s.chan_src = src.data();
   at::Tensor out = at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(fmt));
@@ -177,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
       }
       const std::vector<T> sc = cast<T>(scale), sh = cast<T>(shift);
       ConvShape so = s;
-      so.cl = fmt == at::MemoryFormat::ChannelsLast;  // out's layout (slabs: NCHW)
+      so.cl = fmt == at::MemoryFormat::ChannelsLast;  // out's layout (NCHW slabs: NCHW)
       k.scale_shift_act(so, act, out.mutable_data_ptr<T>(), sc.data(), sh.data());
       return;
     }
@@ -197,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
     else
       k.forward(s, act, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>(), nullptr, nullptr);
   });
-  if (nchw_as_nhwc && !slabs) out = relayout(out, at::MemoryFormat::Contiguous);
+  if (path.nhwc_copy) out = relayout(out, at::MemoryFormat::Contiguous);
   return {out, save_mean, save_var};
 }
 
@@ -211,16 +225,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
                                activation, shuffle_groups);
   check_dwconv_backward(s, grad_out, mean, training);
   const std::vector<int64_t> src = shuffle_sources(s.C, shuffle_groups);
-  const bool nchw_as_nhwc = use_nhwc_for_small_planes(s, shuffle_groups);
-  // dense NCHW small planes: on transposed slabs inside the kernel, the tensors stay NCHW
-  const bool slabs = nchw_as_nhwc && x.is_contiguous();
-  if (nchw_as_nhwc) s.cl = true;
+  const KernelPath path = choose_path(s, x, shuffle_groups, /*backward=*/true);
   const bool has_stats = defined(mean) && mean->numel() > 0;
   const bool normalises = training || has_stats;
-  const auto fmt = s.cl && !slabs ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto fmt = path.fmt;
   const bool shuffle_copy = shuffle_groups > 1 && s.cl;
-  const bool cl_slabs = use_slabs_for_tiny_nhwc(s, shuffle_groups) && !nchw_as_nhwc;
-  s.nhwc_slabs = cl_slabs;
   at::Tensor xc = shuffle_copy ? shuffled(x, shuffle_groups, fmt) : relayout(x, fmt);
   if (shuffle_groups > 1 && !s.cl) s.chan_src = src.data();
   at::Tensor go = relayout(grad_out.to(x.scalar_type()), fmt);
@@ -261,19 +270,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     const T* gop = go.const_data_ptr<T>();
     T* gxp = mask[0] ? gx.mutable_data_ptr<T>() : nullptr;
     const bool wgrad = mask[1] || mask[2];
-    if (!s.cl || slabs) {
-      // NCHW: gz is recomputed per plane (or slab) and used there, never stored; in training the
-      // kernel derives k2 / k3 per channel itself.
-      (slabs ? k.backward_small_nchw : k.backward_planes)(s, act, xp, w.data(), p, gop, gxp,
-                                                          wgrad ? dw.data() : nullptr, db.data(), sum_gy.data(),
-                                                          sum_gyx.data(), training);
-      return;
-    }
     double* gwp = wgrad ? dw.data() : nullptr;
-    if (cl_slabs) {
-      // Tiny channels_last planes: on slabs of 64 channels, as small NCHW planes (see above).
-      k.backward_small_nchw(s, act, xp, w.data(), p, gop, gxp, gwp, db.data(), sum_gy.data(), sum_gyx.data(),
-                            training);
+    if (!s.cl || path.slabs) {
+      // NCHW planes or slabs: gz is recomputed per plane (or slab) and used there, never stored; in
+      // training the kernel derives k2 / k3 per channel itself.
+      (path.slabs ? k.backward_small_nchw : k.backward_planes)(s, act, xp, w.data(), p, gop, gxp, gwp, db.data(),
+                                                               sum_gy.data(), sum_gyx.data(), training);
       return;
     }
     // NHWC: gz recomputed per band of rows and used there, never stored (backward_rows).
@@ -308,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   const at::Tensor gb = mask[2] && bias.has_value() ? to_tensor(db, {s.C}, bias->scalar_type()) : none();
   const at::Tensor gbw = mask[3] && bn_weight.has_value() ? to_tensor(sum_gyx, {s.C}, bn_weight->scalar_type()) : none();
   const at::Tensor gbb = mask[4] && bn_bias.has_value() ? to_tensor(sum_gy, {s.C}, bn_bias->scalar_type()) : none();
-  if (nchw_as_nhwc && !slabs && mask[0]) gx = relayout(gx, at::MemoryFormat::Contiguous);
+  if (path.nhwc_copy && mask[0]) gx = relayout(gx, at::MemoryFormat::Contiguous);
   if (!mask[0]) gx = none();
   else if (shuffle_copy) {
     // gx holds the gradient of the shuffled copy: un-shuffle (the inverse is a shuffle by C / g).

@@ -19,9 +19,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <vector>
+
+#if defined(__unix__)
+#include <unistd.h>
+#endif
 
 #include "cpu/dwconv_bn_act_kernel.h"
 #include "cpu/vec_util.h"
@@ -89,22 +94,89 @@ inline int64_t grain_for(int64_t work_per_task) {
 // a model), without / with: 1x96x112x112 s2 0.239 / 0.214 and 0.172 / 0.156 ms, 32x144x56x56
 // 5.14 / 4.93 and 5.54 / 5.27 ms. With its input in cache, 1x144x56x56 s2 (1.8 MB) got 14% slower:
 // hence the threshold. (In the NHWC conv, a prefetch of the input rows the next output row reads
-// changed nothing measurable in those runs and was taken out.)
+// changed nothing measurable in those runs and was taken out.) The prefetch is spread over the
+// plane's output rows (SpreadPrefetch), not issued in one burst after the fill: on a later VM
+// (2 MiB L2 per core), 1x96x112x112 s2, 1 thread, after the phase-buffer alignment fix, spread /
+// burst 319-352 / 418-420 us; 8x144x56x56 (2 threads) the same within noise (1.17-1.30 ms both).
 constexpr int64_t kPrefetchPlanesBytes = int64_t(4) << 20;
 template <typename T>
 inline bool prefetch_planes(const ConvShape& s) {
   return s.N * s.C * s.H * s.W * int64_t(sizeof(T)) >= kPrefetchPlanesBytes;
 }
-// An NHWC eval output of at least this many bytes is written around the caches (stream_store):
-// the stores skip reading each line first, and the next layer would not find much of it in cache
-// anyway. Measured with a consumer, this op then a channels_last 1x1 conv to 24 channels, eval,
-// 2 threads, N x 144 x 56 x 56 (output 1.8 MB per image), streamed vs plain stores, one run each:
-// N = 2 0.53 / 0.48 and 0.56 / 0.42 ms (slower: the 1x1 conv read the output from memory), N = 4
-// 1.07 / 1.23 and 0.95 / 0.96, N = 6 1.71 / 2.01 and 1.58 / 1.75, N = 8 2.30 / 2.58 and
-// 2.35 / 2.75, N = 32 9.8 / 10.4 (both runs); 1x96x112x112 s2 (1.2 MB) 0.20 / 0.17 (slower).
+// An NHWC eval output of at least stream_min_bytes() is written around the caches (stream_store):
+// the stores skip reading each line first, but the next layer then reads the output from memory.
+// Where that pays depends on the caches. Measured with a consumer, this op then a channels_last
+// 1x1 conv to 24 channels, eval, 2 threads, N x 144 x 56 x 56 (output 1.8 MB per image), streamed
+// vs plain stores, chain time in ms:
+//  * a VM whose L3 size we did not record: N = 2 0.53 / 0.48 and 0.56 / 0.42 (slower), N = 4
+//    1.07 / 1.23 and 0.95 / 0.96, N = 6 1.71 / 2.01 and 1.58 / 1.75, N = 8 2.30 / 2.58 and 2.35 /
+//    2.75, N = 32 9.8 / 10.4; 1x96x112x112 s2 (1.2 MB) 0.20 / 0.17 (slower);
+//  * a VM with a 480 MiB L3 (2 MiB L2 per core): N = 8 2.72 / 2.05 (op alone 1.13 / 0.93; in the
+//    benchmark's interleaved runs 1.54-1.57 / 0.91-0.98), N = 16 6.22 / 5.78, N = 32 13.4 / 14.6.
+// Hence the threshold: kStreamBytes, or a sixteenth of the L3 if larger (30 MiB on the second VM);
+// FASTDW_STREAM_MIN_BYTES overrides it (read once; for measuring on another machine).
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
+inline int64_t stream_min_bytes() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("FASTDW_STREAM_MIN_BYTES");
+    if (e != nullptr && *e != '\0') return std::max<int64_t>(0, std::atoll(e));
+    int64_t l3 = 0;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    l3 = std::max<long>(0, sysconf(_SC_LEVEL3_CACHE_SIZE));
+#endif
+    return std::max(kStreamBytes, l3 / 16);
+  }();
+  return v;
+}
 
 // ---- NHWC core -------------------------------------------------------------------------------
+
+// One output column wo whose taps may fall outside the image (an edge column), channels [cb, ce):
+// calls epi(wo, c, count, acc) with acc = the sum over kernel rows [kh0, kh1) (input row
+// hi0 + kh * DH of image xn) and the kernel columns inside the image. Four channel vectors at a
+// time: four independent FMA chains (one chain waits ~4 cycles per FMA, which made edge columns,
+// most of a 7x7 map under a 5x5 kernel, 3-4x slower per output).
+template <typename T, typename Epi>
+inline void nhwc_edge_column(const ConvShape& s, const T* xn, const T* w, int64_t KW, int64_t hi0, int64_t kh0,
+                             int64_t kh1, int64_t wo, int64_t cb, int64_t ce, Epi&& epi) {
+  constexpr int64_t VL = V<T>::size();
+  const int64_t C = s.C, DW = s.DW;
+  const int64_t wi0 = wo * s.SW - s.PW;
+  int64_t kw0, kw1;
+  tap_range(wi0, DW, KW, s.W, kw0, kw1);
+  int64_t c = cb;
+  for (; c + 4 * VL <= ce; c += 4 * VL) {
+    V<T> a[4] = {V<T>(0), V<T>(0), V<T>(0), V<T>(0)};
+    for (int64_t kh = kh0; kh < kh1; ++kh) {
+      const T* xr = xn + ((hi0 + kh * s.DH) * s.W + wi0) * C + c;
+      const T* wr = w + kh * KW * C + c;
+      for (int64_t kw = kw0; kw < kw1; ++kw)
+        for (int q = 0; q < 4; ++q)
+          a[q] = at::vec::fmadd(V<T>::loadu(wr + kw * C + q * VL), V<T>::loadu(xr + kw * DW * C + q * VL), a[q]);
+    }
+    for (int q = 0; q < 4; ++q) epi(wo, c + q * VL, VL, a[q]);
+  }
+  for (; c < ce; c += VL) {
+    const int64_t cnt = std::min(VL, ce - c);
+    V<T> acc(0);
+    for (int64_t kh = kh0; kh < kh1; ++kh) {
+      const T* xr = xn + ((hi0 + kh * s.DH) * s.W + wi0) * C + c;
+      const T* wr = w + kh * KW * C + c;
+      for (int64_t kw = kw0; kw < kw1; ++kw) acc = at::vec::fmadd(load(wr + kw * C, cnt), load(xr + kw * DW * C, cnt), acc);
+    }
+    epi(wo, c, cnt, acc);
+  }
+}
+
+// The interior columns left after the column blocks (fewer than 4) run as one narrower block, not
+// through the edge path (7 output columns at stride 1: one of the five interior ones; 56: two of
+// 54): f(std::integral_constant<int, left>{}) for left = 1, 2, 3; nothing for 0.
+template <typename F>
+inline void narrow_block(int64_t left, F&& f) {
+  if (left == 3) f(std::integral_constant<int, 3>{});
+  else if (left == 2) f(std::integral_constant<int, 2>{});
+  else if (left == 1) f(std::integral_constant<int, 1>{});
+}
 
 // Calls epi(wo, c, count, acc) with acc = sum over taps of w * x for output row (n, ho) and the
 // channels [cb, ce). Columns whose taps all fall inside the image are computed several at a time
@@ -120,44 +192,7 @@ inline void nhwc_conv_group_t(const ConvShape& s, const T* x, const T* w, int64_
   tap_range(hi0, s.DH, s.KH, s.H, kh0, kh1);
   const T* xn = x + n * s.H * s.W * C;
 
-  auto edge = [&](int64_t wo) {
-    const int64_t wi0 = wo * SW - s.PW;
-    int64_t kw0, kw1;
-    tap_range(wi0, DW, KW, s.W, kw0, kw1);
-    int64_t c = cb;
-    // Four channel vectors at a time: four independent FMA chains (one chain waits ~4 cycles per
-    // FMA, which made edge columns, most of a 7x7 map under a 5x5 kernel, 3-4x slower per output).
-    for (; c + 4 * VL <= ce; c += 4 * VL) {
-      V<T> a0(0), a1(0), a2(0), a3(0);
-      for (int64_t kh = kh0; kh < kh1; ++kh) {
-        const T* xr = xn + ((hi0 + kh * s.DH) * s.W + wi0) * C + c;
-        const T* wr = w + kh * KW * C + c;
-        for (int64_t kw = kw0; kw < kw1; ++kw) {
-          const T* wp = wr + kw * C;
-          const T* xp = xr + kw * DW * C;
-          a0 = at::vec::fmadd(V<T>::loadu(wp), V<T>::loadu(xp), a0);
-          a1 = at::vec::fmadd(V<T>::loadu(wp + VL), V<T>::loadu(xp + VL), a1);
-          a2 = at::vec::fmadd(V<T>::loadu(wp + 2 * VL), V<T>::loadu(xp + 2 * VL), a2);
-          a3 = at::vec::fmadd(V<T>::loadu(wp + 3 * VL), V<T>::loadu(xp + 3 * VL), a3);
-        }
-      }
-      epi(wo, c, VL, a0);
-      epi(wo, c + VL, VL, a1);
-      epi(wo, c + 2 * VL, VL, a2);
-      epi(wo, c + 3 * VL, VL, a3);
-    }
-    for (; c < ce; c += VL) {
-      const int64_t cnt = std::min(VL, ce - c);
-      V<T> acc(0);
-      for (int64_t kh = kh0; kh < kh1; ++kh) {
-        const T* xr = xn + ((hi0 + kh * s.DH) * s.W + wi0) * C + c;
-        const T* wr = w + kh * KW * C + c;
-        for (int64_t kw = kw0; kw < kw1; ++kw)
-          acc = at::vec::fmadd(load(wr + kw * C, cnt), load(xr + kw * DW * C, cnt), acc);
-      }
-      epi(wo, c, cnt, acc);
-    }
-  };
+  auto edge = [&](int64_t wo) { nhwc_edge_column(s, xn, w, KW, hi0, kh0, kh1, wo, cb, ce, epi); };
 
   // Interior columns: wo * SW - PW >= 0 and wo * SW - PW + (KW - 1) * DW <= W - 1.
   const int64_t wlo = std::min(s.Wo, (s.PW + SW - 1) / SW);
@@ -217,14 +252,10 @@ inline void nhwc_conv_group_t(const ConvShape& s, const T* x, const T* w, int64_
           if (c < ce) run(c, std::false_type{});
         }
       };
-      // Then the interior columns left over, in narrower blocks of the same kernel rather than
-      // the edge path (7 output columns: one of the five interior ones; 56: two of 54).
       auto rest = [&](auto sw) {
         if constexpr (decltype(sw)::value == 1) fast(sw, std::integral_constant<int, 8>{});
         fast(sw, std::integral_constant<int, 4>{});
-        if (whi - wo == 3) fast(sw, std::integral_constant<int, 3>{});
-        else if (whi - wo == 2) fast(sw, std::integral_constant<int, 2>{});
-        else if (whi - wo == 1) fast(sw, std::integral_constant<int, 1>{});
+        narrow_block(whi - wo, [&](auto nb) { fast(sw, nb); });
       };
       if (SW == 1) rest(std::integral_constant<int, 1>{});
       else rest(std::integral_constant<int, 2>{});
@@ -284,39 +315,11 @@ inline void nhwc_conv_pair_group_t(const ConvShape& s, const T* x, const T* w, i
   constexpr int NBMAX = 4, R = S + 3;
   const int64_t C = s.C, hi0 = ho * S - s.PH;
   const T* xn = x + n * s.H * s.W * C;
-  // Columns with taps outside the image: one column at a time, for each of the two rows, four
-  // channel vectors at a time (four independent FMA chains, as in nhwc_conv_group_t's edge; one
-  // vector at a time, each output waited on a chain of 6-9 dependent FMAs).
+  // Columns with taps outside the image: one column at a time, for each of the two rows.
   auto edge = [&](int64_t wo) {
-    const int64_t wi0 = wo * S - s.PW;
-    int64_t kw0, kw1;
-    tap_range(wi0, 1, 3, s.W, kw0, kw1);
-    int64_t c0 = cb;
-    for (; c0 + 4 * VL <= ce; c0 += 4 * VL)
-      for (int64_t dr = 0; dr < 2; ++dr) {
-        V<T> a[4] = {V<T>(0), V<T>(0), V<T>(0), V<T>(0)};
-        for (int64_t kh = 0; kh < 3; ++kh) {
-          const T* xr = xn + ((hi0 + dr * S + kh) * s.W + wi0) * C + c0;
-          const T* wr = w + kh * 3 * C + c0;
-          for (int64_t kw = kw0; kw < kw1; ++kw)
-            for (int q = 0; q < 4; ++q)
-              a[q] = at::vec::fmadd(V<T>::loadu(wr + kw * C + q * VL), V<T>::loadu(xr + kw * C + q * VL), a[q]);
-        }
-        for (int q = 0; q < 4; ++q) epi(dr, wo, c0 + q * VL, VL, a[q]);
-      }
-    for (int64_t c = c0; c < ce; c += VL) {
-      const int64_t cnt = std::min(VL, ce - c);
-      for (int64_t dr = 0; dr < 2; ++dr) {
-        V<T> acc(0);
-        for (int64_t kh = 0; kh < 3; ++kh) {
-          const T* xr = xn + ((hi0 + dr * S + kh) * s.W + wi0) * C + c;
-          const T* wr = w + kh * 3 * C + c;
-          for (int64_t kw = kw0; kw < kw1; ++kw)
-            acc = at::vec::fmadd(load(wr + kw * C, cnt), load(xr + kw * C, cnt), acc);
-        }
-        epi(dr, wo, c, cnt, acc);
-      }
-    }
+    for (int64_t dr = 0; dr < 2; ++dr)
+      nhwc_edge_column(s, xn, w, 3, hi0 + dr * S, 0, 3, wo, cb, ce,
+                       [&](int64_t wo_, int64_t c, int64_t cnt, V<T> acc) { epi(dr, wo_, c, cnt, acc); });
   };
   // Interior columns: wo * S - PW >= 0 and wo * S - PW + 2 <= W - 1.
   const int64_t wlo = std::min(s.Wo, (s.PW + S - 1) / S);
@@ -360,11 +363,7 @@ inline void nhwc_conv_pair_group_t(const ConvShape& s, const T* x, const T* w, i
     wo += decltype(nb)::value;
   };
   while (wo + NBMAX <= whi) cols(std::integral_constant<int, NBMAX>{});
-  // The interior columns left over (fewer than NBMAX) in one narrower block, not the edge path: at
-  // 7 columns (stride 1) one of the five interior columns, at 56 two of 54.
-  if (whi - wo == 3) cols(std::integral_constant<int, 3>{});
-  else if (whi - wo == 2) cols(std::integral_constant<int, 2>{});
-  else if (whi - wo == 1) cols(std::integral_constant<int, 1>{});
+  narrow_block(whi - wo, cols);
   for (; wo < s.Wo; ++wo) edge(wo);
 }
 
@@ -388,8 +387,16 @@ inline int64_t nhwc_conv_rows(const ConvShape& s, const T* x, const T* w, int64_
 
 // ---- NCHW core -------------------------------------------------------------------------------
 
+// The phase buffer of an NCHW plane: phase j (j < SW) holds the padded input columns j, j + SW, ...
+// as `rows` rows of `cols` elements, at buf + j * step (buf: the phase-0 origin, `lead` elements
+// past a vector-aligned allocation). lead and step are chosen so that fill_plane_buf's vector
+// stores of the image columns are aligned: with 1 x 3 padding, phase 1 of stride 2 started one
+// element into a line, and every one of its stores split across two cache lines (a third of the
+// fill, ~0.5 us of ~4 us per 112x112 plane, in a standalone C++ test of the fill loop).
 struct PlaneBuf {
   int64_t rows, cols;  // rows of padded input used; columns per phase (multiple of VL, with slack)
+  int64_t lead = 0, step = 0;
+  int64_t total = 0;  // elements from the aligned start to the end of the last phase
 };
 
 inline PlaneBuf plane_buf_dims(const ConvShape& s, int64_t VL) {
@@ -399,10 +406,19 @@ inline PlaneBuf plane_buf_dims(const ConvShape& s, int64_t VL) {
   const int64_t need = std::max(s.Wo + ((s.KW - 1) * s.DW) / s.SW,
                                 (s.W + s.SW - 1) / s.SW + (s.PW + s.SW - 1) / s.SW + VL) + VL;
   b.cols = (need + VL - 1) / VL * VL;
+  b.step = b.rows * b.cols;
+  // first image column of phase j: input column 0 sits at padded column PW
+  auto first = [&](int64_t j) { return (s.PW + (j - s.PW % s.SW + s.SW) % s.SW) / s.SW; };
+  auto mod = [&](int64_t v) { return ((v % VL) + VL) % VL; };
+  if (s.SW <= 2) {
+    b.lead = mod(-first(0));
+    if (s.SW == 2) b.step += mod(first(0) - first(1));
+  }
+  b.total = b.lead + (s.SW - 1) * b.step + b.rows * b.cols;
   return b;
 }
 
-// buf[(j * rows + hp) * cols + q] = padded input at row hp, column q * SW + j (0 outside).
+// buf[j * step + hp * cols + q] = padded input at row hp, column q * SW + j (0 outside).
 // Stride 1 and 2 are vectorised (stride 2 splits even/odd input columns with one permute pair);
 // `row` is scratch of at least SW * cols + VL elements for other strides.
 template <typename T>
@@ -423,8 +439,8 @@ inline void fill_plane_buf(const ConvShape& s, const PlaneBuf& d, const T* xp, T
       if (q < n) V<T>::loadu(src + q, n - q).store(dst + q, n - q);
     } else if (s.SW == 2) {
       // input column wi = 2k (+1) lands in phase (PW (+1)) % 2 at q = k + (PW (+1)) / 2
-      T* ev = buf + ((s.PW % 2) * d.rows + hp) * d.cols + s.PW / 2;
-      T* od = buf + (((s.PW + 1) % 2) * d.rows + hp) * d.cols + (s.PW + 1) / 2;
+      T* ev = buf + (s.PW % 2) * d.step + hp * d.cols + s.PW / 2;
+      T* od = buf + ((s.PW + 1) % 2) * d.step + hp * d.cols + (s.PW + 1) / 2;
       for (int64_t k = 0; 2 * k < s.W; k += VL) {
         const int64_t left = s.W - 2 * k;
         const V<T> a = left >= VL ? V<T>::loadu(src + 2 * k) : V<T>::loadu(src + 2 * k, left);
@@ -441,7 +457,7 @@ inline void fill_plane_buf(const ConvShape& s, const PlaneBuf& d, const T* xp, T
       std::fill(row, row + len, T(0));
       if (q1 > q0) std::memcpy(row + q0, src, sizeof(T) * (q1 - q0));
       for (int64_t j = 0; j < s.SW; ++j) {
-        T* dst = buf + (j * d.rows + hp) * d.cols;
+        T* dst = buf + j * d.step + hp * d.cols;
         for (int64_t q = 0; q < d.cols; ++q) dst[q] = row[q * s.SW + j];
       }
     }
@@ -509,26 +525,33 @@ inline std::vector<int64_t> plane_offsets(const ConvShape& s, const PlaneBuf& d)
   for (int64_t kh = 0; kh < s.KH; ++kh)
     for (int64_t kw = 0; kw < s.KW; ++kw) {
       const int64_t o = kw * s.DW;
-      off[kh * s.KW + kw] = ((o % s.SW) * d.rows + kh * s.DH) * d.cols + o / s.SW;
+      off[kh * s.KW + kw] = (o % s.SW) * d.step + kh * s.DH * d.cols + o / s.SW;
     }
   return off;
 }
 
-// Per-thread scratch of one NCHW plane task.
+// Per-thread scratch of one NCHW plane task; data() is the phase buffer's origin (PlaneBuf).
 template <typename T>
 struct PlaneScratch {
   std::vector<T> buf, row;
+  T* origin;
   PlaneScratch(const ConvShape& s, const PlaneBuf& d)
-      : buf(s.SW * d.rows * d.cols), row(s.SW * d.cols + 2 * V<T>::size()) {}
-  void fill(const ConvShape& s, const PlaneBuf& d, const T* xp) { fill_plane_buf(s, d, xp, buf.data(), row.data()); }
+      : buf(d.total + V<T>::size()), row(s.SW * d.cols + 2 * V<T>::size()) {
+    const auto a = reinterpret_cast<uintptr_t>(buf.data()), al = uintptr_t(sizeof(V<T>));
+    origin = buf.data() + ((al - a % al) % al) / sizeof(T) + d.lead;
+  }
+  PlaneScratch(PlaneScratch&&) = default;  // a moved vector keeps its storage: origin stays valid
+  PlaneScratch(const PlaneScratch&) = delete;
+  const T* data() const { return origin; }
+  void fill(const ConvShape& s, const PlaneBuf& d, const T* xp) { fill_plane_buf(s, d, xp, origin, row.data()); }
 };
 
-// Square K x K kernel, dilation 1, stride S over a phase buffer (S phases of `rows` x `cols`):
+// Square K x K kernel, dilation 1, stride S over a phase buffer (S phases `step` apart, rows of `cols`):
 // NB output rows at one column vector per step. Output row ho + j reads buffer rows
 // ho*S + j*S + kh, so the block reads (NB-1)*S + K distinct rows per tap column: each is loaded
 // once and feeds every FMA that needs it (weights stay in registers).
 template <typename T, int K, int S, int NB, typename Epi>
-inline void nchw_fast_rows(int64_t ho0, int64_t Wo, const T* buf, int64_t rows, int64_t cols, const V<T>* wv,
+inline void nchw_fast_rows(int64_t ho0, int64_t Wo, const T* buf, int64_t step, int64_t cols, const V<T>* wv,
                            Epi&& epi) {
   constexpr int64_t VL = V<T>::size();
   constexpr int NR = (NB - 1) * S + K;
@@ -536,7 +559,7 @@ inline void nchw_fast_rows(int64_t ho0, int64_t Wo, const T* buf, int64_t rows, 
     V<T> acc[NB];
     for (int j = 0; j < NB; ++j) acc[j] = V<T>(0);
     for (int kw = 0; kw < K; ++kw) {
-      const T* col = buf + ((kw % S) * rows + ho0 * S) * cols + wo + kw / S;
+      const T* col = buf + (kw % S) * step + ho0 * S * cols + wo + kw / S;
       for (int r = 0; r < NR; ++r) {
         const V<T> v = V<T>::loadu(col + r * cols);
         for (int j = 0; j < NB; ++j) {
@@ -551,28 +574,28 @@ inline void nchw_fast_rows(int64_t ho0, int64_t Wo, const T* buf, int64_t rows, 
 }
 
 template <typename T, int K, int S, typename Epi>
-inline void nchw_fast(int64_t Ho, int64_t Wo, const T* buf, int64_t rows, int64_t cols, const T* w, Epi&& epi) {
+inline void nchw_fast(int64_t Ho, int64_t Wo, const T* buf, int64_t step, int64_t cols, const T* w, Epi&& epi) {
   V<T> wv[K * K];
   for (int t = 0; t < K * K; ++t) wv[t] = V<T>(w[t]);
   constexpr int NB = K <= 5 ? 4 : 2;
   int64_t ho = 0;
-  for (; ho + NB <= Ho; ho += NB) nchw_fast_rows<T, K, S, NB>(ho, Wo, buf, rows, cols, wv, epi);
-  for (; ho < Ho; ++ho) nchw_fast_rows<T, K, S, 1>(ho, Wo, buf, rows, cols, wv, epi);
+  for (; ho + NB <= Ho; ho += NB) nchw_fast_rows<T, K, S, NB>(ho, Wo, buf, step, cols, wv, epi);
+  for (; ho < Ho; ++ho) nchw_fast_rows<T, K, S, 1>(ho, Wo, buf, step, cols, wv, epi);
 }
 
 // True (and runs) if the shape has a register-blocked kernel; the caller falls back otherwise.
 template <typename T, typename Epi>
 inline bool nchw_try_fast(int64_t K, int64_t KW, int64_t S, int64_t SW, int64_t D, int64_t DW, int64_t Ho,
-                          int64_t Wo, const T* buf, int64_t rows, int64_t cols, const T* w, Epi&& epi) {
+                          int64_t Wo, const T* buf, int64_t step, int64_t cols, const T* w, Epi&& epi) {
   if (K != KW || S != SW || D != 1 || DW != 1) return false;
   if (S == 1) {
-    if (K == 3) return nchw_fast<T, 3, 1>(Ho, Wo, buf, rows, cols, w, epi), true;
-    if (K == 5) return nchw_fast<T, 5, 1>(Ho, Wo, buf, rows, cols, w, epi), true;
-    if (K == 7) return nchw_fast<T, 7, 1>(Ho, Wo, buf, rows, cols, w, epi), true;
+    if (K == 3) return nchw_fast<T, 3, 1>(Ho, Wo, buf, step, cols, w, epi), true;
+    if (K == 5) return nchw_fast<T, 5, 1>(Ho, Wo, buf, step, cols, w, epi), true;
+    if (K == 7) return nchw_fast<T, 7, 1>(Ho, Wo, buf, step, cols, w, epi), true;
   } else if (S == 2) {
-    if (K == 3) return nchw_fast<T, 3, 2>(Ho, Wo, buf, rows, cols, w, epi), true;
-    if (K == 5) return nchw_fast<T, 5, 2>(Ho, Wo, buf, rows, cols, w, epi), true;
-    if (K == 7) return nchw_fast<T, 7, 2>(Ho, Wo, buf, rows, cols, w, epi), true;
+    if (K == 3) return nchw_fast<T, 3, 2>(Ho, Wo, buf, step, cols, w, epi), true;
+    if (K == 5) return nchw_fast<T, 5, 2>(Ho, Wo, buf, step, cols, w, epi), true;
+    if (K == 7) return nchw_fast<T, 7, 2>(Ho, Wo, buf, step, cols, w, epi), true;
   }
   return false;
 }
@@ -581,7 +604,7 @@ inline bool nchw_try_fast(int64_t K, int64_t KW, int64_t S, int64_t SW, int64_t 
 template <typename T, typename Epi>
 inline void nchw_conv_plane(const ConvShape& s, const PlaneBuf& d, const std::vector<int64_t>& off,
                             const T* buf, const T* w, Epi&& epi) {
-  if (nchw_try_fast(s.KH, s.KW, s.SH, s.SW, s.DH, s.DW, s.Ho, s.Wo, buf, d.rows, d.cols, w, epi)) return;
+  if (nchw_try_fast(s.KH, s.KW, s.SH, s.SW, s.DH, s.DW, s.Ho, s.Wo, buf, d.step, d.cols, w, epi)) return;
   nchw_core(s.Ho, s.Wo, buf, s.SH * d.cols, off.data(), s.taps(), w, epi);
 }
 
@@ -682,7 +705,7 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
     const int64_t rows = s.N * s.Ho;
     const int nt = at::get_num_threads();
     std::vector<double> tn(stats ? nt : 0, 0.0), tmean(stats ? nt * C : 0, 0.0), tm2(stats ? nt * C : 0, 0.0);
-    const bool stream = !stats && s.N * s.Ho * s.Wo * C * int64_t(sizeof(T)) >= kStreamBytes;
+    const bool stream = !stats && s.N * s.Ho * s.Wo * C * int64_t(sizeof(T)) >= stream_min_bytes();
     at::parallel_for(0, rows, grain_for(s.Wo * C * s.taps()), [&](int64_t r0, int64_t r1) {
       if (!stats) {
         for (int64_t r = r0; r < r1;) {
@@ -709,7 +732,7 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
           store(acc + load(b + c, cnt), orows + (dr * s.Wo + wo) * C + c, cnt);
         });
         for (int64_t q = r; q < r + k; ++q) {
-          const T* orow = out + q * s.Wo * C;
+          const T* orow = orows + (q - r) * s.Wo * C;
           if (q == r0) {
             row_moments(orow, s.Wo, C, shift.data(), rs1.data(), rs2.data());
             for (int64_t c = 0; c < C; ++c) shift[c] = rs1[c] / T(s.Wo);
@@ -750,15 +773,16 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
   const bool pf = prefetch_planes<T>(s);
   at::parallel_for(0, planes, grain_for(hw * s.taps()), [&](int64_t p0, int64_t p1) {
     PlaneScratch<T> sc(s, d);
-    const T* buf = sc.buf.data();
+    const T* buf = sc.data();
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c = p % C;
       sc.fill(s, d, x + s.in_plane(p));
-      if (pf && p + 1 < p1) prefetch_lines(x + s.in_plane(p + 1), s.H * s.W * sizeof(T));
+      const SpreadPrefetch next(pf && p + 1 < p1 ? x + s.in_plane(p + 1) : nullptr, s.H * s.W * sizeof(T), s.Ho);
       T* op = out + p * hw;
       const V<T> bv(b[c]);
       if (!stats) {
         nchw_conv_plane(s, d, off, buf, w + c * s.taps(), [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
+          if (wo == 0) next.step(ho);
           store(act_fwd<A>(acc + bv), op + ho * s.Wo + wo, cnt);
         });
         continue;
@@ -770,6 +794,7 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
       // float row sums of z lost precision for a large mean (variance off by 7e-4 relative at
       // mean 1e3, spread 1e-2, 58x58: test_batch_statistics_with_a_large_mean).
       nchw_conv_plane(s, d, off, buf, w + c * s.taps(), [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
+        if (wo == 0) next.step(ho);
         store(acc + bv, op + ho * s.Wo + wo, cnt);
       });
       // Sums of z - z[0], small next to z: no cancellation for a large mean and a small spread.
@@ -1405,7 +1430,7 @@ struct InputGradPlane {
       const T* u = buf.data() + origin;
       auto epi = [&](int64_t hi, int64_t wi, int64_t cnt, V<T> acc) { store(acc, gxp + hi * s.W + wi, cnt); };
       for (int64_t t = 0; t < taps; ++t) wflip[taps - 1 - t] = wc[t];
-      if (!nchw_try_fast(s.KH, s.KW, int64_t(1), int64_t(1), s.DH, s.DW, s.H, s.W, u, rows, cols, wflip.data(),
+      if (!nchw_try_fast(s.KH, s.KW, int64_t(1), int64_t(1), s.DH, s.DW, s.H, s.W, u, rows * cols, cols, wflip.data(),
                          epi))
         nchw_core(s.H, s.W, u, cols, off.data(), taps, wc, epi);
       return;
@@ -1568,9 +1593,11 @@ void backward_planes_impl(const ConvShape& s, const T* x, const T* w, const BwdP
   const bool pf = prefetch_planes<T>(s);
   auto plane_z = [&](Scratch& sr, int64_t pl, int64_t next) {
     sr.sc.fill(s, d, x + s.in_plane(pl));
-    if (pf && next >= 0) prefetch_lines(x + s.in_plane(next), s.H * s.W * sizeof(T));
-    nchw_conv_plane(s, d, off, sr.sc.buf.data(), w + (pl % C) * taps,
-                    [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) { store(acc, sr.ig.gz_row(ho) + wo, cnt); });
+    const SpreadPrefetch pn(pf && next >= 0 ? x + s.in_plane(next) : nullptr, s.H * s.W * sizeof(T), s.Ho);
+    nchw_conv_plane(s, d, off, sr.sc.data(), w + (pl % C) * taps, [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
+      if (wo == 0) pn.step(ho);
+      store(acc, sr.ig.gz_row(ho) + wo, cnt);
+    });
   };
   // A linear pass over the plane's z rows in L1 (in the conv's epilogue the seven coefficients and
   // the sums were spilled to the stack: ~35% of the pass at 1x192x28x28): gz in place of z if
@@ -1602,7 +1629,7 @@ void backward_planes_impl(const ConvShape& s, const T* x, const T* w, const BwdP
     if (gw) {
       double* out = pw.data() + pl * (taps + 1);
       std::fill(out, out + taps + 1, 0.0);
-      const T* buf = sr.sc.buf.data();
+      const T* buf = sr.sc.data();
       const T* g = sr.ig.gz_row(0);
       switch (taps) {
         case 9: wgrad_plane_t<T, 9>(s, d, off.data(), buf, g, sr.ig.cols, out); break;

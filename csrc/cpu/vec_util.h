@@ -3,6 +3,7 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -28,6 +29,25 @@ inline void prefetch_lines(const void* p, int64_t bytes) {
   for (auto a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64)
     __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
 }
+
+// Prefetches the 64-byte lines of [p, p + bytes) in `parts` pieces, piece i on step(i): spread
+// over a loop of `parts` steps of other work, so that the loads overlap it. (One burst of a
+// plane's lines stalls once the line-fill buffers are full: it cost as long as the loads it
+// was meant to hide.) A null p prefetches nothing.
+class SpreadPrefetch {
+ public:
+  SpreadPrefetch(const void* p, int64_t bytes, int64_t parts)
+      : p_(static_cast<const char*>(p)), bytes_(bytes), chunk_((bytes / std::max<int64_t>(1, parts) + 64) & ~int64_t(63)) {}
+  void step(int64_t i) const {
+    if (p_ == nullptr) return;
+    const int64_t o = i * chunk_;
+    if (o < bytes_) prefetch_lines(p_ + o, std::min(chunk_, bytes_ - o));
+  }
+
+ private:
+  const char* p_;
+  int64_t bytes_, chunk_;
+};
 
 // A whole vector stored around the caches (non-temporal: the line is not read before it is
 // written) if p is aligned to the vector size and the instruction set has such a store, else a
