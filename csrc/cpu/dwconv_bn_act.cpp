@@ -103,15 +103,16 @@ struct KernelPath {
 KernelPath choose_path(ConvShape& s, const at::Tensor& x, int64_t shuffle_groups, bool backward) {
   KernelPath k;
   const bool plain = shuffle_groups == 1 && s.C >= 8;
+  k.fmt = s.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   if (plain && !s.cl && s.H * s.W <= 256) {
-    k.slabs = x.is_contiguous();
+    k.slabs = x.is_contiguous();  // the slabs read and write the NCHW tensors themselves
     k.nhwc_copy = !k.slabs;
+    if (k.nhwc_copy) k.fmt = at::MemoryFormat::ChannelsLast;
     s.cl = true;
   } else if (plain && s.cl && s.H * s.W <= 64 && backward) {
     k.slabs = true;
     s.nhwc_slabs = true;
   }
-  k.fmt = s.cl && !(k.slabs && !s.nhwc_slabs) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   return k;
 }
 
@@ -155,7 +156,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
   check_dwconv_forward(s, mean, var, training);
   const std::vector<int64_t> src = shuffle_sources(s.C, shuffle_groups);
   const KernelPath path = choose_path(s, x, shuffle_groups, /*backward=*/false);
-  const bool slabs = path.slabs;
   const bool has_stats = defined(mean);
   const bool normalises = training || has_stats;
   const auto fmt = path.fmt;
@@ -177,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
       std::vector<double> bm(s.C), bv(s.C);
       const std::vector<T> w = weights<T>(s, weight, scale);
       const std::vector<T> bt = cast<T>(b);
-      if (slabs)
+      if (path.slabs)
         k.forward_small_nchw(s, Act::None, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>(),
                              bm.data(), bv.data());
       else
@@ -205,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
     }
     const std::vector<T> w = weights<T>(s, weight, scale);
     const std::vector<T> bt = cast<T>(fb);
-    if (slabs)
+    if (path.slabs)
       k.forward_small_nchw(s, act, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>(), nullptr,
                            nullptr);
     else

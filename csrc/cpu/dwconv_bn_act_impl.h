@@ -168,6 +168,17 @@ inline void nhwc_edge_column(const ConvShape& s, const T* xn, const T* w, int64_
   }
 }
 
+// The output columns [lo, hi) whose taps all fall inside the image (wo * SW - PW >= 0 and
+// wo * SW - PW + (KW - 1) * DW <= W - 1); the columns outside the range are edge columns.
+struct ColRange {
+  int64_t lo, hi;
+};
+inline ColRange interior_columns(const ConvShape& s, int64_t KW, int64_t DW, int64_t SW) {
+  const int64_t lo = std::min(s.Wo, (s.PW + SW - 1) / SW);
+  const int64_t num = s.W - 1 - (KW - 1) * DW + s.PW;
+  return {lo, num < 0 ? lo : std::max(lo, std::min(s.Wo, num / SW + 1))};
+}
+
 // The interior columns left after the column blocks (fewer than 4) run as one narrower block, not
 // through the edge path (7 output columns at stride 1: one of the five interior ones; 56: two of
 // 54): f(std::integral_constant<int, left>{}) for left = 1, 2, 3; nothing for 0.
@@ -194,10 +205,8 @@ inline void nhwc_conv_group_t(const ConvShape& s, const T* x, const T* w, int64_
 
   auto edge = [&](int64_t wo) { nhwc_edge_column(s, xn, w, KW, hi0, kh0, kh1, wo, cb, ce, epi); };
 
-  // Interior columns: wo * SW - PW >= 0 and wo * SW - PW + (KW - 1) * DW <= W - 1.
-  const int64_t wlo = std::min(s.Wo, (s.PW + SW - 1) / SW);
-  const int64_t num = s.W - 1 - (KW - 1) * DW + s.PW;
-  const int64_t whi = num < 0 ? wlo : std::max(wlo, std::min(s.Wo, num / SW + 1));
+  const ColRange cols_in = interior_columns(s, KW, DW, SW);
+  const int64_t wlo = cols_in.lo, whi = cols_in.hi;
   for (int64_t wo = 0; wo < wlo; ++wo) edge(wo);
   int64_t wo = wlo;
   auto block = [&](int64_t c, auto full) {
@@ -321,10 +330,8 @@ inline void nhwc_conv_pair_group_t(const ConvShape& s, const T* x, const T* w, i
       nhwc_edge_column(s, xn, w, 3, hi0 + dr * S, 0, 3, wo, cb, ce,
                        [&](int64_t wo_, int64_t c, int64_t cnt, V<T> acc) { epi(dr, wo_, c, cnt, acc); });
   };
-  // Interior columns: wo * S - PW >= 0 and wo * S - PW + 2 <= W - 1.
-  const int64_t wlo = std::min(s.Wo, (s.PW + S - 1) / S);
-  const int64_t num = s.W - 3 + s.PW;
-  const int64_t whi = num < 0 ? wlo : std::max(wlo, std::min(s.Wo, num / S + 1));
+  const ColRange cols_in = interior_columns(s, 3, 1, S);
+  const int64_t wlo = cols_in.lo, whi = cols_in.hi;
   int64_t wo = 0;
   for (; wo < wlo; ++wo) edge(wo);
   auto run = [&](int64_t c, auto full, auto nb) {
@@ -396,7 +403,9 @@ inline int64_t nhwc_conv_rows(const ConvShape& s, const T* x, const T* w, int64_
 struct PlaneBuf {
   int64_t rows, cols;  // rows of padded input used; columns per phase (multiple of VL, with slack)
   int64_t lead = 0, step = 0;
-  int64_t total = 0;  // elements from the aligned start to the end of the last phase
+  int64_t SW = 1;
+  // elements from the aligned start to the end of the last phase
+  int64_t total() const { return lead + (SW - 1) * step + rows * cols; }
 };
 
 inline PlaneBuf plane_buf_dims(const ConvShape& s, int64_t VL) {
@@ -414,7 +423,7 @@ inline PlaneBuf plane_buf_dims(const ConvShape& s, int64_t VL) {
     b.lead = mod(-first(0));
     if (s.SW == 2) b.step += mod(first(0) - first(1));
   }
-  b.total = b.lead + (s.SW - 1) * b.step + b.rows * b.cols;
+  b.SW = s.SW;
   return b;
 }
 
@@ -536,7 +545,7 @@ struct PlaneScratch {
   std::vector<T> buf, row;
   T* origin;
   PlaneScratch(const ConvShape& s, const PlaneBuf& d)
-      : buf(d.total + V<T>::size()), row(s.SW * d.cols + 2 * V<T>::size()) {
+      : buf(d.total() + V<T>::size()), row(s.SW * d.cols + 2 * V<T>::size()) {
     const auto a = reinterpret_cast<uintptr_t>(buf.data()), al = uintptr_t(sizeof(V<T>));
     origin = buf.data() + ((al - a % al) % al) / sizeof(T) + d.lead;
   }
@@ -600,12 +609,17 @@ inline bool nchw_try_fast(int64_t K, int64_t KW, int64_t S, int64_t SW, int64_t 
   return false;
 }
 
-// Conv of one NCHW plane (already in scratch) with taps w[0..taps).
+// Conv of one NCHW plane (already in scratch) with taps w[0..taps); `next` takes one step per
+// output row (the next plane's prefetch, spread over this plane's conv).
 template <typename T, typename Epi>
 inline void nchw_conv_plane(const ConvShape& s, const PlaneBuf& d, const std::vector<int64_t>& off,
-                            const T* buf, const T* w, Epi&& epi) {
-  if (nchw_try_fast(s.KH, s.KW, s.SH, s.SW, s.DH, s.DW, s.Ho, s.Wo, buf, d.step, d.cols, w, epi)) return;
-  nchw_core(s.Ho, s.Wo, buf, s.SH * d.cols, off.data(), s.taps(), w, epi);
+                            const T* buf, const T* w, const SpreadPrefetch& next, Epi&& epi) {
+  auto e = [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
+    if (wo == 0) next.step(ho);
+    epi(ho, wo, cnt, acc);
+  };
+  if (nchw_try_fast(s.KH, s.KW, s.SH, s.SW, s.DH, s.DW, s.Ho, s.Wo, buf, d.step, d.cols, w, e)) return;
+  nchw_core(s.Ho, s.Wo, buf, s.SH * d.cols, off.data(), s.taps(), w, e);
 }
 
 // ---- forward ---------------------------------------------------------------------------------
@@ -732,7 +746,7 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
           store(acc + load(b + c, cnt), orows + (dr * s.Wo + wo) * C + c, cnt);
         });
         for (int64_t q = r; q < r + k; ++q) {
-          const T* orow = orows + (q - r) * s.Wo * C;
+          const T* orow = out + q * s.Wo * C;
           if (q == r0) {
             row_moments(orow, s.Wo, C, shift.data(), rs1.data(), rs2.data());
             for (int64_t c = 0; c < C; ++c) shift[c] = rs1[c] / T(s.Wo);
@@ -781,8 +795,7 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
       T* op = out + p * hw;
       const V<T> bv(b[c]);
       if (!stats) {
-        nchw_conv_plane(s, d, off, buf, w + c * s.taps(), [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
-          if (wo == 0) next.step(ho);
+        nchw_conv_plane(s, d, off, buf, w + c * s.taps(), next, [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
           store(act_fwd<A>(acc + bv), op + ho * s.Wo + wo, cnt);
         });
         continue;
@@ -793,8 +806,7 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
       // from inlining the epilogue: as costly as the conv itself (perf, 1x144x56x56); and its
       // float row sums of z lost precision for a large mean (variance off by 7e-4 relative at
       // mean 1e3, spread 1e-2, 58x58: test_batch_statistics_with_a_large_mean).
-      nchw_conv_plane(s, d, off, buf, w + c * s.taps(), [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
-        if (wo == 0) next.step(ho);
+      nchw_conv_plane(s, d, off, buf, w + c * s.taps(), next, [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
         store(acc + bv, op + ho * s.Wo + wo, cnt);
       });
       // Sums of z - z[0], small next to z: no cancellation for a large mean and a small spread.
@@ -1170,9 +1182,8 @@ template <typename T>
 inline void wgrad_row(const ConvShape& s, const T* x, const T* grow, int64_t n, int64_t ho, T* rw, T* rb) {
   constexpr int64_t VL = V<T>::size();
   const int64_t C = s.C;
-  const int64_t wlo = std::min(s.Wo, (s.PW + s.SW - 1) / s.SW);
-  const int64_t num = s.W - 1 - (s.KW - 1) * s.DW + s.PW;
-  const int64_t whi = num < 0 ? wlo : std::max(wlo, std::min(s.Wo, num / s.SW + 1));
+  const ColRange cols_in = interior_columns(s, s.KW, s.DW, s.SW);
+  const int64_t wlo = cols_in.lo, whi = cols_in.hi;
   const int64_t hi0 = ho * s.SH - s.PH;
   int64_t kh0, kh1;
   tap_range(hi0, s.DH, s.KH, s.H, kh0, kh1);
@@ -1594,10 +1605,8 @@ void backward_planes_impl(const ConvShape& s, const T* x, const T* w, const BwdP
   auto plane_z = [&](Scratch& sr, int64_t pl, int64_t next) {
     sr.sc.fill(s, d, x + s.in_plane(pl));
     const SpreadPrefetch pn(pf && next >= 0 ? x + s.in_plane(next) : nullptr, s.H * s.W * sizeof(T), s.Ho);
-    nchw_conv_plane(s, d, off, sr.sc.data(), w + (pl % C) * taps, [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) {
-      if (wo == 0) pn.step(ho);
-      store(acc, sr.ig.gz_row(ho) + wo, cnt);
-    });
+    nchw_conv_plane(s, d, off, sr.sc.data(), w + (pl % C) * taps, pn,
+                    [&](int64_t ho, int64_t wo, int64_t cnt, V<T> acc) { store(acc, sr.ig.gz_row(ho) + wo, cnt); });
   };
   // A linear pass over the plane's z rows in L1 (in the conv's epilogue the seven coefficients and
   // the sums were spilled to the stack: ~35% of the pass at 1x192x28x28): gz in place of z if
