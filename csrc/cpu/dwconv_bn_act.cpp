@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "cpu/aligned.h"
 #include "cpu/dwconv_bn_act_kernel.h"
 
 namespace fastdw::cpu {
@@ -51,9 +52,9 @@ std::vector<double> as_doubles(const std::optional<at::Tensor>& t, int64_t n, do
 // Weights in the kernel's layout: [C][taps] (NCHW) or [taps][C] (NHWC), each scaled by scale[c]
 // (in double, rounded once). Read straight from the weight's memory: no double copy of it.
 template <typename T>
-std::vector<T> weights(const ConvShape& s, const at::Tensor& w, const std::vector<double>& scale) {
+AlignedVec<T> weights(const ConvShape& s, const at::Tensor& w, const std::vector<double>& scale) {
   const int64_t C = s.C, taps = s.taps();
-  std::vector<T> out(C * taps);
+  AlignedVec<T> out(C * taps);
   auto fill = [&](const auto* p) {
     if (s.cl) {
       for (int64_t t = 0; t < taps; ++t) {
@@ -117,8 +118,8 @@ KernelPath choose_path(ConvShape& s, const at::Tensor& x, int64_t shuffle_groups
 }
 
 template <typename T>
-std::vector<T> cast(const std::vector<double>& v) {
-  return std::vector<T>(v.begin(), v.end());
+AlignedVec<T> cast(const std::vector<double>& v) {
+  return AlignedVec<T>(v.begin(), v.end());
 }
 
 template <typename T>
@@ -175,8 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
     const auto& k = kernels<T>();
     if (training) {
       std::vector<double> bm(s.C), bv(s.C);
-      const std::vector<T> w = weights<T>(s, weight, scale);
-      const std::vector<T> bt = cast<T>(b);
+      const AlignedVec<T> w = weights<T>(s, weight, scale);
+      const AlignedVec<T> bt = cast<T>(b);
       if (path.slabs)
         k.forward_small_nchw(s, Act::None, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>(),
                              bm.data(), bv.data());
@@ -189,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
         save_mean.mutable_data_ptr<T>()[c] = static_cast<T>(bm[c]);
         save_var.mutable_data_ptr<T>()[c] = static_cast<T>(bv[c]);
       }
-      const std::vector<T> sc = cast<T>(scale), sh = cast<T>(shift);
+      const AlignedVec<T> sc = cast<T>(scale), sh = cast<T>(shift);
       ConvShape so = s;
       so.cl = fmt == at::MemoryFormat::ChannelsLast;  // out's layout (NCHW slabs: NCHW)
       k.scale_shift_act(so, act, out.mutable_data_ptr<T>(), sc.data(), sh.data());
@@ -203,8 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_cpu(
         fb[c] = bn_shift(b[c], m[c], scale[c], beta[c]);
       }
     }
-    const std::vector<T> w = weights<T>(s, weight, scale);
-    const std::vector<T> bt = cast<T>(fb);
+    const AlignedVec<T> w = weights<T>(s, weight, scale);
+    const AlignedVec<T> bt = cast<T>(fb);
     if (path.slabs)
       k.forward_small_nchw(s, act, xc.const_data_ptr<T>(), w.data(), bt.data(), out.mutable_data_ptr<T>(), nullptr,
                            nullptr);
@@ -250,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     using T = scalar_t;
     const auto& k = kernels<T>();
     const std::vector<double> ones(s.C, 1.0);
-    const std::vector<T> w = weights<T>(s, weight, ones);
+    const AlignedVec<T> w = weights<T>(s, weight, ones);
     // xhat = (z + a0) * a1 with z the bias-free conv output (the mean is subtracted before the
     // scaling: with a tiny batch variance, z * invstd - mean * invstd would cancel badly);
     // gz = k1 * g + k2 * xhat + k3. The coefficients: bn_backward (csrc/common).
@@ -262,8 +263,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
       a0[c] = bn[c].a0;
       k1[c] = bn[c].k1;
     }
-    const std::vector<T> a1t = cast<T>(a1), a0t = cast<T>(a0), gt = cast<T>(g), bet = cast<T>(beta);
-    std::vector<T> k1t = cast<T>(k1), k2t = cast<T>(k2), k3t = cast<T>(k3);
+    const AlignedVec<T> a1t = cast<T>(a1), a0t = cast<T>(a0), gt = cast<T>(g), bet = cast<T>(beta);
+    AlignedVec<T> k1t = cast<T>(k1), k2t = cast<T>(k2), k3t = cast<T>(k3);
     BwdParams<T> p{a1t.data(), a0t.data(), gt.data(), bet.data(), k1t.data(), k2t.data(), k3t.data()};
     const bool need_gz = mask[0] || mask[1] || mask[2];
     const T* xp = xc.const_data_ptr<T>();

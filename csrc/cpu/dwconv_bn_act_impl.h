@@ -28,6 +28,7 @@
 #include <unistd.h>
 #endif
 
+#include "cpu/aligned.h"
 #include "cpu/dwconv_bn_act_kernel.h"
 #include "cpu/vec_util.h"
 
@@ -738,7 +739,7 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
       // not cancel): per row, sum(z - K) and sum((z - K)^2) per channel with the accumulators in
       // registers while the row is in L1, added up in double; merged into the thread's
       // accumulators once per task. (Merging every row in double cost ~15% of the forward.)
-      std::vector<T> shift(C, T(0)), rs1(C), rs2(C);
+      AlignedVec<T> shift(C, T(0)), rs1(C), rs2(C);
       std::vector<double> s1(C, 0.0), s2(C, 0.0);
       for (int64_t r = r0; r < r1;) {
         T* orows = out + r * s.Wo * C;
@@ -1007,7 +1008,7 @@ struct NhwcInputGrad {
   using Taps = std::vector<std::pair<int64_t, int64_t>>;  // (tap, output index)
   ConvShape s, t;  // t: the flipped conv (stride 1)
   bool flip = false, use_runs = true;
-  std::vector<T> wf;  // stride 1: the flipped weights [taps][C]
+  AlignedVec<T> wf;  // stride 1: the flipped weights [taps][C]
   const T* w = nullptr;
   std::vector<ColRun> runs;
   std::vector<TapList> rows;  // per input row (the same for every image)
@@ -1266,8 +1267,8 @@ void backward_rows_impl(const ConvShape& s, const T* x, const T* w, const BwdPar
   at::parallel_for(0, chunks, grain_for(3 * s.Ho / parts * row * taps), [&](int64_t c0, int64_t c1) {
     NhwcInputGrad<T> ig(s);
     if (gx) ig.set_weights(w, C);
-    std::unique_ptr<T[]> band(new T[cap * row]);  // not zeroed: at 7x7x960, zeroing it was 6% of the backward
-    std::vector<T> r1s(C), r2s(C), rw(gw ? taps * C : 0, T(0)), rb(gw ? C : 0, T(0));
+    const AlignedBuf<T> band = aligned_buf<T>(cap * row);  // not zeroed: at 7x7x960, zeroing it was 6% of the backward
+    AlignedVec<T> r1s(C), r2s(C), rw(gw ? taps * C : 0, T(0)), rb(gw ? C : 0, T(0));
     std::vector<double> d1(sums ? C : 0, 0.0), d2(sums ? C : 0, 0.0), dw(gw ? (taps + 1) * C : 0, 0.0);
     // Weight gradient sums in T over ~256 output pixels, then into double: flushing every row cost
     // a memset and a double add of taps * C values per row, as much as the row itself at 7x7.
@@ -1377,7 +1378,7 @@ struct InputGradPlane {
   const bool unit;                             // stride 1
   int64_t rows = 0, cols = 0, r0 = 0, c0 = 0;  // gz (ho, wo) at buf[(r0 + ho) * cols + c0 + wo]
   int64_t origin = 0;                          // stride 1: where the correlation's input starts
-  std::vector<T> buf, wflip;
+  AlignedVec<T> buf, wflip;
   std::vector<int64_t> off, rn, rk, ro;  // strided: input row hi's rn[hi] taps rk / ro[hi * KH + a]
   std::vector<std::vector<ColTap>> phase;  // strided: the column taps of each phase r < SW
   std::vector<T> wv;  // a row's tap weights (scalars: storing broadcast vectors per row stalled)
@@ -1772,7 +1773,7 @@ void forward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const T
   const bool stats = mean != nullptr;
   std::vector<double> pmean(stats ? s.N * C : 0), pm2(stats ? s.N * C : 0);  // N = 0: no task, stats 0
   at::parallel_for(0, s.N * sl.nb, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> xin(HW * CB), yout(HWo * CB), wsl(s.taps() * CB), zero(CB, T(0)), shift(CB), s1(CB), s2(CB);
+    AlignedVec<T> xin(HW * CB), yout(HWo * CB), wsl(s.taps() * CB), zero(CB, T(0)), shift(CB), s1(CB), s2(CB);
     ConvShape u = sl.u;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / sl.nb, c0 = sl.c0(t % sl.nb), cb = sl.width(t % sl.nb);
@@ -1828,8 +1829,8 @@ void backward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const 
   // per (image, channel) partial sums, merged in a fixed order at the end
   std::vector<double> p1(sums ? s.N * C : 0), p2(sums ? s.N * C : 0), pw(gw ? s.N * C * (taps + 1) : 0);
   at::parallel_for(0, sl.nb, grain_for(4 * s.N * HWo * CB * taps), [&](int64_t b0, int64_t b1) {
-    std::vector<T> xs(HW * CB), zs(HWo * CB), gos(HWo * CB), gxs(gx ? HW * CB : 0), wsl(taps * CB);
-    std::vector<T> k2(CB, T(0)), k3(CB, T(0)), r1(CB), r2(CB), rw(gw ? taps * CB : 0), rb(gw ? CB : 0);
+    AlignedVec<T> xs(HW * CB), zs(HWo * CB), gos(HWo * CB), gxs(gx ? HW * CB : 0), wsl(taps * CB);
+    AlignedVec<T> k2(CB, T(0)), k3(CB, T(0)), r1(CB), r2(CB), rw(gw ? taps * CB : 0), rb(gw ? CB : 0);
     NhwcInputGrad<T> ig(sl.u);
     ConvShape u = sl.u;
     for (int64_t b = b0; b < b1; ++b) {
