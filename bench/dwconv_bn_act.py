@@ -121,7 +121,9 @@ def bench_train(shape, reps: int) -> dict[str, float]:
         "fastdw_nchw": step(fused, x, grad),
         "fastdw_cl": step(fused, xcl, grad_cl),
     }
-    return timing.interleaved(fns, reps=max(5, reps // 3))
+    # Whole rounds repeated until one takes >= 2 ms, as in bench_eval: a single step of a batch-1
+    # layer is 0.3-1 ms, and ten one-step samples gave medians that moved by 10% between runs.
+    return timing.interleaved(fns, reps=reps, min_time=0.002)
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
