@@ -4,7 +4,8 @@
 
 Eval (float32, forward): fastdw vs eager Conv2d -> BatchNorm2d -> ReLU6 (3 ops), eager with BN
 folded into the conv + clamp_, oneDNN's fused conv+hardtanh (what torch.compile calls on CPU) and
-a plain copy of the output bytes (a floor no kernel can beat). Training (forward + backward of one
+two floors no kernel can beat: a plain copy of the output bytes and a read of the input bytes
+(`amax` over x, channels_last). Training (forward + backward of one
 layer, batch statistics): fastdw vs eager. Every fastdw result is checked against eager first.
 BatchNorm statistics are calibrated with a few training-mode batches; denormals are flushed.
 """
@@ -82,6 +83,8 @@ def bench_eval(shape, reps: int) -> dict[str, float]:
             "fastdw_nchw": lambda: fused(x),
             "fastdw_cl": lambda: fused(xcl),
             "copy_out": lambda: out_bytes.clone(),
+            # the op reads all of x: at a stride-2 layer (input 4x the output) that read is most of its time
+            "read_in": lambda: torch.amax(xcl),
         }
         return timing.interleaved(fns, reps=reps, min_time=0.002)
 
@@ -166,11 +169,11 @@ def main(argv: list[str] | None = None) -> None:
         results["eval"].append({"shape": shape, "ms": t})
         rows.append([", ".join(map(str, shape))] + [t[k] for k in (
             "eager_nchw", "eager_cl", "folded_nchw", "folded_cl", "onednn_cl", "fastdw_nchw", "fastdw_cl",
-            "copy_out")] + [t["eager_nchw"] / t["fastdw_nchw"], t["eager_cl"] / t["fastdw_cl"],
+            "copy_out", "read_in")] + [t["eager_nchw"] / t["fastdw_nchw"], t["eager_cl"] / t["fastdw_cl"],
                             t["folded_cl"] / t["fastdw_cl"], t["onednn_cl"] / t["fastdw_cl"]])
     eval_md = timing.markdown_table(
         ["N, C, H, W, s", "eager NCHW", "eager CL", "folded NCHW", "folded CL", "oneDNN CL", "fastdw NCHW",
-         "fastdw CL", "copy out", "x eager NCHW", "x eager CL", "x folded CL", "x oneDNN"], rows)
+         "fastdw CL", "copy out", "read in", "x eager NCHW", "x eager CL", "x folded CL", "x oneDNN"], rows)
     print("Eval forward (ms; 'x' columns: speed-up of fastdw, same memory format)\n")
     print(eval_md + "\n")
 
