@@ -543,13 +543,12 @@ inline std::vector<int64_t> plane_offsets(const ConvShape& s, const PlaneBuf& d)
 // Per-thread scratch of one NCHW plane task; data() is the phase buffer's origin (PlaneBuf).
 template <typename T>
 struct PlaneScratch {
-  std::vector<T> buf, row;
+  static_assert(kCacheLine % sizeof(V<T>) == 0, "AlignedVec must align to the vector size");
+  AlignedVec<T> buf;  // vector-aligned: lead counts from its start
+  std::vector<T> row;
   T* origin;
   PlaneScratch(const ConvShape& s, const PlaneBuf& d)
-      : buf(d.total() + V<T>::size()), row(s.SW * d.cols + 2 * V<T>::size()) {
-    const auto a = reinterpret_cast<uintptr_t>(buf.data()), al = uintptr_t(sizeof(V<T>));
-    origin = buf.data() + ((al - a % al) % al) / sizeof(T) + d.lead;
-  }
+      : buf(d.total() + V<T>::size()), row(s.SW * d.cols + 2 * V<T>::size()), origin(buf.data() + d.lead) {}
   PlaneScratch(PlaneScratch&&) = default;  // a moved vector keeps its storage: origin stays valid
   PlaneScratch(const PlaneScratch&) = delete;
   const T* data() const { return origin; }
