@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastdw
-from fastdw.bench import timing
+from fastdw.bench import models, timing
 from fastdw.bench.ops import near_kinks
 
 # (N, C, H, W, stride): the anchors of ../shared/ANCHORS.md plus the rest of MobileNetV2's dw layers.
@@ -130,16 +130,8 @@ def bench_train(shape, reps: int) -> dict[str, float]:
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x.requires_grad_())
-    return total
+    """Bytes held for backward by one training forward (fastdw.bench.models.saved_bytes)."""
+    return models.saved_bytes(lambda: model(x.requires_grad_()))[1]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -69,7 +69,7 @@ const c10::TypedOperatorHandle<DWForwardSig>& dw_forward_op() {
 using DWBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&, const OptT&, const OptT&, const OptT&,
     const OptT&, bool, double, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, c10::string_view,
-    std::array<bool, 5>, int64_t);
+    std::array<bool, 5>, int64_t, const OptT&);
 const c10::TypedOperatorHandle<DWBackwardSig>& dw_backward_op() {
   static const auto op = handle<DWBackwardSig>("fastdw::dwconv_bn_act_backward");
   return op;
@@ -81,11 +81,11 @@ class DWConvBNActBackwardFn : public torch::autograd::Function<DWConvBNActBackwa
                                const at::Tensor& weight, const OptT& bias, const OptT& bn_weight, const OptT& bn_bias,
                                const OptT& mean, const OptT& var, bool training, double eps, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation,
-                               std::array<bool, 5> mask, int64_t shuffle_groups) {
+                               std::array<bool, 5> mask, int64_t shuffle_groups, const OptT& out) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [gx, gw, gb, gbw, gbb] = dw_backward_op().call(grad_out, x, weight, bias, bn_weight, bn_bias, mean, var,
                                                         training, eps, stride, padding, dilation, activation, mask,
-                                                        shuffle_groups);
+                                                        shuffle_groups, out);
     return {gx, gw, gb, gbw, gbb};
   }
   static variable_list backward(AutogradContext*, const variable_list&) {
@@ -95,6 +95,16 @@ class DWConvBNActBackwardFn : public torch::autograd::Function<DWConvBNActBackwa
                 "use fastdw.use_backend('reference') for that");
   }
 };
+
+// Whether the forward saves its output for the backward: in CPU training with relu / relu6, whose
+// backward takes the BatchNorm sums from it instead of recomputing the conv (csrc/cpu/
+// dwconv_bn_act.cpp, sums_from_output). Eager's Conv2d -> BatchNorm2d -> ReLU6(inplace=True)
+// saves the same tensor (hardtanh_'s result), so an in-place change of the output before backward
+// raises autograd's "modified by an inplace operation" error in both. The tensor is the one the
+// op returns (no extra memory). Other devices and activations save nothing more.
+bool saves_output(const at::Tensor& x, bool training, c10::string_view activation) {
+  return training && x.device().is_cpu() && (activation == "relu" || activation == "relu6");
+}
 
 class DWConvBNActFn : public torch::autograd::Function<DWConvBNActFn> {
  public:
@@ -106,8 +116,10 @@ class DWConvBNActFn : public torch::autograd::Function<DWConvBNActFn> {
     auto [out, save_mean, save_var] = dw_forward_op().call(x, weight, bias, bn_weight, bn_bias, mean, var, training,
                                                            eps, stride, padding, dilation, activation, shuffle_groups);
     // Training normalises with the batch statistics the op returns, eval with the running ones.
+    // The output too where the CPU backward takes its BatchNorm sums from it (saves_output).
     ctx->save_for_backward({x, weight, or_undefined(bias), or_undefined(bn_weight), or_undefined(bn_bias),
-                            training ? save_mean : or_undefined(mean), training ? save_var : or_undefined(var)});
+                            training ? save_mean : or_undefined(mean), training ? save_var : or_undefined(var),
+                            saves_output(x, training, activation) ? out : at::Tensor()});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["stride"] = stride.vec();
@@ -135,7 +147,7 @@ class DWConvBNActFn : public torch::autograd::Function<DWConvBNActFn> {
     auto g = DWConvBNActBackwardFn::apply(grads[0], x, weight, bias, bn_weight, bn_bias, opt(saved[5]), opt(saved[6]),
                                           d["training"].toBool(), d["eps"].toDouble(), d["stride"].toIntVector(),
                                           d["padding"].toIntVector(), d["dilation"].toIntVector(), activation, mask,
-                                          d["shuffle_groups"].toInt());
+                                          d["shuffle_groups"].toInt(), opt(saved[7]));
     for (int i = 0; i < 5; ++i) result[i] = keep(mask[i], g[i]);
     return result;
   }
@@ -159,9 +171,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const OptT& bias,
     const OptT& bn_weight, const OptT& bn_bias, const OptT& mean, const OptT& var, bool training, double eps,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation,
-    std::array<bool, 5> mask, int64_t shuffle_groups) {
+    std::array<bool, 5> mask, int64_t shuffle_groups, const OptT& out) {
   auto r = DWConvBNActBackwardFn::apply(grad_out, x, weight, bias, bn_weight, bn_bias, mean, var, training, eps,
-                                        stride, padding, dilation, activation, mask, shuffle_groups);
+                                        stride, padding, dilation, activation, mask, shuffle_groups, out);
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 

@@ -13,11 +13,14 @@ TORCH_LIBRARY(fastdw, m) {
       "dwconv_bn_act(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
       "Tensor? mean, Tensor? var, bool training, float eps, int[2] stride, int[2] padding, "
       "int[2] dilation, str activation, int shuffle_groups=1) -> (Tensor, Tensor, Tensor)");
+  // out (optional): the forward's output. The CPU kernels take the training backward's BatchNorm
+  // sums from it for relu / relu6 (csrc/cpu/dwconv_bn_act.cpp: sums_from_output); without it, or
+  // elsewhere, the conv is recomputed. The gradients are the same either way (up to rounding).
   m.def(
       "dwconv_bn_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, "
       "Tensor? bn_bias, Tensor? mean, Tensor? var, bool training, float eps, int[2] stride, "
-      "int[2] padding, int[2] dilation, str activation, bool[5] output_mask, int shuffle_groups=1) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int[2] padding, int[2] dilation, str activation, bool[5] output_mask, int shuffle_groups=1, "
+      "Tensor? out=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // BatchNorm2d's running-statistics update from a training-mode dwconv_bn_act's batch mean and
   // biased variance of `count` values per channel (csrc/bn_running_update.cpp).
   m.def(

@@ -445,6 +445,9 @@ DIRECT_BACKWARD_BAD = [
     ("stride-0", lambda a: dict(stride=[1, 0]), r"stride"),
     ("var-shape", lambda a: dict(var=a["var"][:-1]), r"var must have shape"),
     ("device-grad-out", lambda a: dict(grad_out=a["grad_out"].to("meta")), r"meta"),
+    ("out-shape", lambda a: dict(shuffle_groups=1, out=a["grad_out"][:, :, :-1]), r"out has shape"),
+    ("out-dtype", lambda a: dict(shuffle_groups=1, out=a["grad_out"].float()), r"out has dtype"),
+    ("out-device", lambda a: dict(shuffle_groups=1, out=a["grad_out"].to("meta")), r"meta"),
 ]
 
 

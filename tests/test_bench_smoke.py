@@ -124,3 +124,24 @@ def test_interleaved_runs_every_round_in_a_new_order() -> None:
     seen.clear()
     timing.interleaved(fns, reps=20, warmup=0)
     assert [tuple(seen[i:i + 4]) for i in range(0, len(seen), 4)] == rounds  # seeded: the same orders
+
+
+def test_saved_bytes_counts_each_storage_once() -> None:
+    """a * a saves a twice (as self and as other): memory held once."""
+    a = torch.randn(1000, dtype=torch.float64, requires_grad=True)
+    _, held = models.saved_bytes(lambda: (a * a).sum())
+    assert held == 8000
+
+
+def test_saved_bytes_of_a_training_layer() -> None:
+    """A training fastdw relu6 layer on CPU holds its input and its own output (the tensor it
+    returns, which the next layer saves anyway), besides the parameters and batch statistics."""
+    import fastdw
+
+    if not fastdw.backends()["cpu"]:
+        pytest.skip("the C++ extension is not built")
+    layer = fastdw.nn.DWConvBNAct(16).train()
+    x = torch.randn(2, 16, 12, 12).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out, held = models.saved_bytes(lambda: layer(x))
+    params = sum(p.numel() * p.element_size() for p in layer.parameters())
+    assert held == x.numel() * 4 + out.numel() * 4 + params + 2 * 16 * 4  # + batch mean and variance

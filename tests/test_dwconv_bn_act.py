@@ -495,6 +495,76 @@ def test_backward_row_bands(case, training, threads):
         torch.set_num_threads(previous)
 
 
+def _backward_from(args, grad_out, out):
+    """fastdw::dwconv_bn_act_backward of the forward call `args`, given its output `out` or not."""
+    x, w, b, g, beta, mean, var, training, eps, stride, padding, dilation, act = args
+    mask = [True, True, b is not None, g is not None, beta is not None]
+    return torch.ops.fastdw.dwconv_bn_act_backward(grad_out, x, w, b, g, beta, mean, var, training, eps,
+                                                   stride, padding, dilation, act, mask, 1, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+@pytest.mark.parametrize("shape,stride", [((2, 24, 13, 11), 1), ((1, 40, 18, 16), 2), ((3, 7, 9, 10), 2)])
+def test_training_sums_from_output(shape, stride, activation, dtype):
+    """CPU training, channels_last, relu / relu6: the backward takes its BatchNorm sums from the
+    forward's output when given it. The gradients equal those of the conv recompute (no output);
+    an output that is not the forward's changes them, so the given one is what was read."""
+    n, c, h, w = shape
+    inp = make_inputs(n, c, h, w, channels_last=True, requires_grad=False, dtype=dtype)
+    args = (inp.x, inp.weight, inp.bias, inp.bn_weight, inp.bn_bias, None, None, True, 1e-5, [stride] * 2,
+            [1, 1], [1, 1], activation)
+    out, mean, var = torch.ops.fastdw.dwconv_bn_act(*args)
+    args = args[:5] + (mean, var) + args[7:]
+    grad_out = torch.randn_like(out)
+    recomputed = _backward_from(args, grad_out, None)
+    from_out = _backward_from(args, grad_out, out)
+    tol = 1e-11 if dtype == torch.float64 else 1e-4
+    for a, r, name in zip(from_out, recomputed, ("x", "weight", "bias", "bn_weight", "bn_bias"), strict=True):
+        assert_close(a, r, tol=tol, what=name)
+    other = _backward_from(args, grad_out, (out * 0.5).contiguous(memory_format=torch.channels_last))
+    assert not torch.allclose(other[3], recomputed[3], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("gamma", ["zero", "tiny", "negative"])
+def test_training_sums_from_output_small_gamma(gamma):
+    """Where gamma is ~0 against beta (or 0) the output does not give xhat accurately: the backward
+    recomputes the conv instead; the gradients still match the reference in float64."""
+    case = Case((2, 16, 12, 12), stride=2, bias=True, channels_last=True, training=True)
+    inp = inputs_for(case, torch.float64)
+    with torch.no_grad():
+        inp.bn_weight[3] = {"zero": 0.0, "tiny": 1e-9, "negative": -0.7}[gamma]
+        inp.bn_bias[3] = 2.0
+    grad_out = torch.randn(2, 16, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    out, grads = run_op(case, inp.clone(), "cpu", grad_out)
+    ref_out, ref_grads = run_op(case, inp.clone(), "reference", grad_out)
+    assert_close(out, ref_out, what="out")
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], what=name)
+
+
+@pytest.mark.parametrize("activation,saved", [("relu6", True), ("relu", True), ("none", False),
+                                              ("hardswish", False)])
+def test_inplace_change_of_training_output(activation, saved):
+    """CPU training with relu / relu6 keeps the output for backward (as eager's ReLU6(inplace=True)
+    does): changing it in place before backward is autograd's clear error, never a wrong gradient.
+    Other activations and eval keep nothing of it."""
+    m = DWConvBNAct(8, activation=activation).double().train()
+    x = torch.randn(2, 8, 10, 10, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    y = m(x.requires_grad_())
+    y.add_(1.0)
+    if saved:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+    else:
+        y.sum().backward()
+        assert x.grad is not None
+    m.eval()
+    y = m(x)
+    y.add_(1.0)
+    y.sum().backward()
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_small_nchw_planes_strided_view(training):
     """A non-dense NCHW input with small planes takes a transposed copy instead of the slabs."""
@@ -889,6 +959,12 @@ def check_opcheck_backward(sample: str, prefix: str = "") -> None:
             getattr(torch.ops.fastdw, f"{prefix}dwconv_bn_act_backward").default,
             (grad_out, x, w, b, g, beta, mean, var, training, eps, stride, padding, dilation, act, mask),
         )
+        if not prefix:  # the C++ op also takes the forward's output (the Triton twin does not)
+            torch.library.opcheck(
+                torch.ops.fastdw.dwconv_bn_act_backward.default,
+                (grad_out, x, w, b, g, beta, mean, var, training, eps, stride, padding, dilation, act, mask,
+                 1, out),
+            )
 
 
 def test_op_returns_batch_statistics():

@@ -128,15 +128,26 @@ inline void check_dwconv_forward(const ConvShape& s, const std::optional<at::Ten
                     s.Ho, ", ", s.Wo, "]");
 }
 
-// Backward only: grad_out has the output's shape; training needs the saved batch statistics.
-inline void check_dwconv_backward(const ConvShape& s, const at::Tensor& grad_out,
-                                  const std::optional<at::Tensor>& mean, bool training) {
+// Backward only: grad_out (and the forward's output, if given) has the output's shape; training
+// needs the saved batch statistics.
+inline void check_dwconv_backward(const ConvShape& s, const at::Tensor& x, const at::Tensor& grad_out,
+                                  const std::optional<at::Tensor>& mean, bool training,
+                                  const std::optional<at::Tensor>& out) {
   TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == s.N && grad_out.size(1) == s.C &&
                         grad_out.size(2) == s.Ho && grad_out.size(3) == s.Wo,
                     "fastdw::dwconv_bn_act_backward: grad_out has shape ", grad_out.sizes(), ", expected [", s.N,
                     ", ", s.C, ", ", s.Ho, ", ", s.Wo, "]");
   TORCH_CHECK_VALUE(!training || (defined(mean) && mean->numel() > 0),
                     "fastdw::dwconv_bn_act_backward: training needs the saved batch mean/var");
+  if (!defined(out)) return;
+  TORCH_CHECK(out->device() == x.device(), "fastdw::dwconv_bn_act_backward: out is on ", out->device(),
+              " but the input is on ", x.device());
+  TORCH_CHECK_TYPE(out->scalar_type() == x.scalar_type(), "fastdw::dwconv_bn_act_backward: out has dtype ",
+                   out->scalar_type(), ", the input ", x.scalar_type());
+  TORCH_CHECK_VALUE(out->dim() == 4 && out->size(0) == s.N && out->size(1) == s.C && out->size(2) == s.Ho &&
+                        out->size(3) == s.Wo,
+                    "fastdw::dwconv_bn_act_backward: out has shape ", out->sizes(), ", expected [", s.N, ", ", s.C,
+                    ", ", s.Ho, ", ", s.Wo, "]");
 }
 
 // ---- se_scale ----------------------------------------------------------------------------------

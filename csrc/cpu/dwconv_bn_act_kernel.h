@@ -54,6 +54,11 @@ struct DWKernels {
   void (*backward_small_nchw)(const ConvShape&, Act, const T* x, const T* w, const BwdParams<T>& p,
                               const T* grad_out, T* gx, double* gw, double* gb, double* sum_gy, double* sum_gy_xhat,
                               bool training);
+  // Training, NHWC, ReLU / ReLU6 only: the BN sums of the backward from the forward's output out
+  // (no conv): sum_gy[c] = sum of g = grad_out * act'(out), sum_gob[c] = sum of g * (out - beta)
+  // (= gamma * sum of g * xhat where g != 0).
+  void (*output_sums)(const ConvShape&, Act, const T* out, const T* grad_out, const T* beta, double* sum_gy,
+                      double* sum_gob);
 };
 
 struct DWKernelTable {

@@ -646,10 +646,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var, bool training, double eps,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation,
-    std::array<bool, 5> mask, int64_t shuffle_groups) {
+    std::array<bool, 5> mask, int64_t shuffle_groups, const std::optional<at::Tensor>& out) {
   auto [s, act] = check_dwconv(x, weight, bias, bn_weight, bn_bias, mean, var, stride, padding, dilation,
                                activation, shuffle_groups);
-  check_dwconv_backward(s, grad_out, mean, training);
+  check_dwconv_backward(s, x, grad_out, mean, training, out);  // out is checked, not used: z is recomputed
   const c10::cuda::CUDAGuard guard(x.device());
   const bool has_stats = defined(mean) && mean->numel() > 0;
   const bool normalises = training || has_stats;

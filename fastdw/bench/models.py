@@ -189,18 +189,21 @@ def bench_inference(name: str, batch: int, settings: Settings, reps: int, resolu
 
 
 def saved_bytes(forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """``forward()`` and the bytes of the tensors autograd saves for backward while it builds its
-    graph (the sum over every tensor packed by ``saved_tensors_hooks``, parameters included)."""
-    total = 0
+    """``forward()`` and the bytes autograd holds for backward after it built the graph: the
+    storages of the tensors packed by ``saved_tensors_hooks`` (parameters included), each counted
+    once. A tensor saved twice is held once: a layer's output that the next layer saves as its input
+    and that the layer's own backward (fastdw's relu / relu6 training op, eager's in-place ReLU6)
+    saves too. (../shared/ANCHORS.md sums every packed tensor instead, repeats included.)"""
+    storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = forward()
-    return out, total
+    return out, sum(storages.values())
 
 
 def _training_models(name: str, model: nn.Module) -> dict[str, Callable[[], nn.Module]]:

@@ -12,7 +12,9 @@ op. The Triton backend has twins with the same schema, ``fastdw::triton_dwconv_b
 ``fastdw::triton_dwconv_bn_act_backward`` (fastdw/triton/dwconv_bn_act.py), given the same fake
 kernels and autograd here. Only the input, the (tiny) parameters and per-channel statistics are
 saved for backward: the pre-BN conv output is recomputed there, because a depthwise conv costs
-less than storing it.
+less than storing it. In CPU training with relu / relu6 the C++ op also keeps its own output (the
+tensor it returns, no extra memory: eager's ``ReLU6(inplace=True)`` keeps the same one), from
+which the backward takes its BatchNorm sums without a conv (csrc/autograd.cpp, saves_output).
 """
 
 from __future__ import annotations
@@ -179,8 +181,9 @@ def _fake_forward(x, weight, bias, bn_weight, bn_bias, mean, var, training, eps,
 
 
 def _fake_backward(grad_out, x, weight, bias, bn_weight, bn_bias, mean, var, training, eps, stride,
-                   padding, dilation, activation, output_mask, shuffle_groups=1):
-    _same_device(grad_out, x, weight, bias, bn_weight, bn_bias, mean, var)
+                   padding, dilation, activation, output_mask, shuffle_groups=1, out=None):
+    # out: the forward's output, which the C++ op takes optionally (csrc/registration.cpp)
+    _same_device(grad_out, x, weight, bias, bn_weight, bn_bias, mean, var, out)
     fmt = torch.channels_last if _layout.is_channels_last(x) else torch.contiguous_format
 
     def maybe(flag, t, shape):
