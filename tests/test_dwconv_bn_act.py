@@ -391,12 +391,15 @@ def test_small_nchw_planes_on_slabs(dtype, training):
     (Case((1, 72, 248, 248), channels_last=True, activation="hardswish"), torch.float32),
     (Case((1, 20, 460, 460), channels_last=True, bias=True), torch.float32),
     (Case((1, 64, 182, 182), channels_last=True), torch.float64),
+    # channels_last eval inputs of as many bytes also prefetch the next rows into L2
+    # (AheadPrefetch): the cases above, and stride 2 across two images
+    (Case((2, 48, 160, 160), stride=2, channels_last=True, activation="relu"), torch.float32),
     # NCHW inputs of >= 4 MiB prefetch the next plane (forward, and backward for plane_z)
     (Case((2, 32, 128, 128), training=True), torch.float32),
     (Case((2, 32, 128, 128), stride=2, bias=True), torch.float32),
 ], ids=str)
 def test_large_tensors(case, dtype):
-    """The paths taken only by large tensors: streamed stores and plane prefetches."""
+    """The paths taken only by large tensors: streamed stores and row / plane prefetches."""
     check_case(case, dtype)
 
 
@@ -529,7 +532,8 @@ def test_training_sums_from_output(shape, stride, activation, dtype):
 @pytest.mark.parametrize("gamma", ["zero", "tiny", "negative"])
 def test_training_sums_from_output_small_gamma(gamma):
     """Where gamma is ~0 against beta (or 0) the output does not give xhat accurately: the backward
-    recomputes the conv instead; the gradients still match the reference in float64."""
+    recomputes the conv instead; a negative gamma keeps the output's sums. Either way the gradients
+    match the reference in float64."""
     case = Case((2, 16, 12, 12), stride=2, bias=True, channels_last=True, training=True)
     inp = inputs_for(case, torch.float64)
     with torch.no_grad():

@@ -7,10 +7,11 @@
 // Forward, training: pass 1 writes z = conv(x) + b and reduces per-channel statistics while each
 // row (NHWC) or plane (NCHW) is in cache; pass 2 normalises and activates in place (the output is
 // smaller than the input, so this is cheaper than recomputing the conv).
-// Backward: recomputes z from x (nothing but x and per-channel vectors is saved), applies the
-// activation derivative, reduces the BN parameter gradients, then the conv input and weight
-// gradients. The conv-output gradient gz is never stored: NHWC, each band of a few rows feeds both
-// gradients while it is in cache (backward_rows; in training after a first pass for the BN sums);
+// Backward: recomputes z from x (x and per-channel vectors are saved; in training with relu /
+// relu6 also the output, see sums_from_output), applies the activation derivative, reduces the BN
+// parameter gradients, then the conv input and weight gradients. The conv-output gradient gz is
+// never stored: NHWC, each band of a few rows feeds both gradients while it is in cache
+// (backward_rows; in training after a first pass for the BN sums, from the output where it can);
 // NCHW, one task per channel (training) or plane (eval), each plane's gz used the same way
 // (backward_planes); small planes the same way on slabs of 64 channels (backward_small_nchw).
 #include <ATen/ATen.h>

@@ -94,9 +94,9 @@ inline int64_t grain_for(int64_t work_per_task) {
 // random-order interleaved runs with eager engines between the calls (inputs out of cache, as in
 // a model), without / with: 1x96x112x112 s2 0.239 / 0.214 and 0.172 / 0.156 ms, 32x144x56x56
 // 5.14 / 4.93 and 5.54 / 5.27 ms. With its input in cache, 1x144x56x56 s2 (1.8 MB) got 14% slower:
-// hence the threshold. (In the NHWC conv, a prefetch of the input rows the next output row reads
-// changed nothing measurable in those runs and was taken out.) The prefetch is spread over the
-// plane's output rows (SpreadPrefetch), not issued in one burst after the fill: on a later VM
+// hence the threshold. (The NHWC eval conv prefetches the next rows of large inputs: AheadPrefetch.)
+// The prefetch is spread over the plane's output rows (SpreadPrefetch), not issued in one burst
+// after the fill: on a later VM
 // (2 MiB L2 per core), 1x96x112x112 s2, 1 thread, after the phase-buffer alignment fix, spread /
 // burst 319-352 / 418-420 us; 8x144x56x56 (2 threads) the same within noise (1.17-1.30 ms both).
 constexpr int64_t kPrefetchPlanesBytes = int64_t(4) << 20;
@@ -131,6 +131,47 @@ inline int64_t stream_min_bytes() {
 }
 
 // ---- NHWC core -------------------------------------------------------------------------------
+
+// The NHWC eval forward of an input too large to stay in cache (at least stream_min_bytes(), as
+// for streaming the output) prefetches into L2, spread over the epilogue calls of the rows it
+// computes, the input rows that the next pair of output rows reads and the rows before did not.
+// Without it the conv waited on memory between bursts of compute. 2 threads, in-process A/B of
+// two builds (prefetch from 4 MiB inputs on): 32x144x56x56 with its input out of cache (a 1 GiB
+// buffer written before each call) 6.56-6.57 -> 5.24-5.27 ms (x.add(1), as many bytes: 4.7);
+// python -m bench.dwconv_bn_act, eval CL 6.78 / 6.84 -> 5.10 / 5.55 ms. With the input in
+// cache the prefetches cost: 8x144x56x56 (14 MiB) 662-679 -> 813-889 us, 1x96x112x112 s2 137-141
+// -> 158 us (in the benchmark 0.156 / 0.162 -> 0.178 / 0.185 ms): hence the threshold.
+class AheadPrefetch {
+ public:
+  // Rows of output rows [q, min(q + 2, end)) (flat n * Ho + ho) in `parts` pieces.
+  template <typename T>
+  void start(const ConvShape& s, const T* x, int64_t q, int64_t end, int64_t parts) {
+    left_ = 0;
+    if (q >= end) return;
+    const int64_t n = q / s.Ho, ho = q % s.Ho, ho_end = std::min(s.Ho, ho + std::min<int64_t>(2, end - q));
+    int64_t first = std::max<int64_t>(0, ho * s.SH - s.PH);  // rows the output row before read: skipped
+    if (ho > 0) first = std::max(first, (ho - 1) * s.SH - s.PH + (s.KH - 1) * s.DH + 1);
+    const int64_t last = std::min(s.H - 1, (ho_end - 1) * s.SH - s.PH + (s.KH - 1) * s.DH);
+    if (last < first) return;
+    p_ = reinterpret_cast<const char*>(x + (n * s.H + first) * s.W * s.C);
+    left_ = (last - first + 1) * s.W * s.C * int64_t(sizeof(T));
+    chunk_ = (left_ / std::max<int64_t>(1, parts) + 127) & ~int64_t(63);
+  }
+  void step() {
+    if (left_ > 0) issue();
+  }
+
+ private:
+  // Out of line: the epilogue that calls step() stays small enough to be inlined into the conv.
+  __attribute__((noinline)) void issue() {
+    const int64_t n = std::min(chunk_, left_);
+    for (int64_t a = 0; a < n; a += 64) __builtin_prefetch(p_ + a, 0, 2);
+    p_ += n;
+    left_ -= n;
+  }
+  const char* p_ = nullptr;
+  int64_t left_ = 0, chunk_ = 0;
+};
 
 // One output column wo whose taps may fall outside the image (an edge column), channels [cb, ce):
 // calls epi(wo, c, count, acc) with acc = the sum over kernel rows [kh0, kh1) (input row
@@ -720,17 +761,29 @@ void forward_impl(const ConvShape& s, const T* x, const T* w, const T* b, T* out
     const int nt = at::get_num_threads();
     std::vector<double> tn(stats ? nt : 0, 0.0), tmean(stats ? nt * C : 0, 0.0), tm2(stats ? nt * C : 0, 0.0);
     const bool stream = !stats && s.N * s.Ho * s.Wo * C * int64_t(sizeof(T)) >= stream_min_bytes();
+    const bool ahead = !stats && s.N * s.H * s.W * C * int64_t(sizeof(T)) >= stream_min_bytes();
     at::parallel_for(0, rows, grain_for(s.Wo * C * s.taps()), [&](int64_t r0, int64_t r1) {
       if (!stats) {
-        for (int64_t r = r0; r < r1;) {
-          T* orow = out + r * s.Wo * C;
-          r += nhwc_conv_rows(s, x, w, r, r1, [&](int64_t dr, int64_t wo, int64_t c, int64_t cnt, V<T> acc) {
-            const V<T> y = act_fwd<A>(acc + load(b + c, cnt));
-            T* o = orow + (dr * s.Wo + wo) * C + c;
-            if (stream && cnt == VL) stream_store(y, o);
-            else store(y, o, cnt);
-          });
-        }
+        // Two instantiations: a step() left in the epilogue with the prefetch off still cost
+        // (8x144x56x56, in-process A/B: 662-856 -> 990-1010 us).
+        auto rows_loop = [&](auto with_prefetch) {
+          constexpr bool kAhead = decltype(with_prefetch)::value;
+          AheadPrefetch pf;
+          for (int64_t r = r0; r < r1;) {
+            T* orow = out + r * s.Wo * C;
+            if constexpr (kAhead)
+              pf.start(s, x, r + 2, r1, 2 * s.Wo * ((C + kChannelGroup<T> - 1) / kChannelGroup<T>));
+            r += nhwc_conv_rows(s, x, w, r, r1, [&](int64_t dr, int64_t wo, int64_t c, int64_t cnt, V<T> acc) {
+              const V<T> y = act_fwd<A>(acc + load(b + c, cnt));
+              T* o = orow + (dr * s.Wo + wo) * C + c;
+              if (stream && cnt == VL) stream_store(y, o);
+              else store(y, o, cnt);
+              if constexpr (kAhead) pf.step();
+            });
+          }
+        };
+        if (ahead) rows_loop(std::true_type{});
+        else rows_loop(std::false_type{});
         if (stream) stream_fence();
         return;
       }
