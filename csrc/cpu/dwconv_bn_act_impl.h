@@ -96,9 +96,9 @@ inline int64_t grain_for(int64_t work_per_task) {
 // 5.14 / 4.93 and 5.54 / 5.27 ms. With its input in cache, 1x144x56x56 s2 (1.8 MB) got 14% slower:
 // hence the threshold. (The NHWC eval conv prefetches the next rows of large inputs: AheadPrefetch.)
 // The prefetch is spread over the plane's output rows (SpreadPrefetch), not issued in one burst
-// after the fill: on a later VM
-// (2 MiB L2 per core), 1x96x112x112 s2, 1 thread, after the phase-buffer alignment fix, spread /
-// burst 319-352 / 418-420 us; 8x144x56x56 (2 threads) the same within noise (1.17-1.30 ms both).
+// after the fill: on a later VM (2 MiB L2 per core), 1x96x112x112 s2, 1 thread, after the
+// phase-buffer alignment fix, spread / burst 319-352 / 418-420 us; 8x144x56x56 (2 threads) the
+// same within noise (1.17-1.30 ms both).
 constexpr int64_t kPrefetchPlanesBytes = int64_t(4) << 20;
 template <typename T>
 inline bool prefetch_planes(const ConvShape& s) {
