@@ -354,28 +354,23 @@ inline void nhwc_conv_row(const ConvShape& s, const T* x, const T* w, int64_t n,
 // at 8x144 (a third more time than NCHW, which reads and writes as many bytes) is not measured:
 // no hardware counters in this VM. Calls epi(dr, wo, c, cnt, acc) for output row ho + dr.
 inline bool nhwc_pair_ok(const ConvShape& s, int64_t ho) {
-  const int64_t S = s.SH;
-  return s.KH == 3 && s.KW == 3 && s.DH == 1 && s.DW == 1 && s.SW == S && (S == 1 || S == 2) && ho + 1 < s.Ho;
+  const int64_t S = s.SH, hi0 = ho * S - s.PH;
+  return s.KH == 3 && s.KW == 3 && s.DH == 1 && s.DW == 1 && s.SW == S && (S == 1 || S == 2) && ho + 1 < s.Ho &&
+         hi0 >= 0 && hi0 + S + 2 < s.H;
 }
 
-template <typename T, int S, bool EDGE, typename Epi>
+template <typename T, int S, typename Epi>
 inline void nhwc_conv_pair_group_t(const ConvShape& s, const T* x, const T* w, int64_t n, int64_t ho, int64_t cb,
                                    int64_t ce, Epi&& epi) {
   constexpr int64_t VL = V<T>::size();
   constexpr int NBMAX = 4, R = S + 3;
   const int64_t C = s.C, hi0 = ho * S - s.PH;
   const T* xn = x + n * s.H * s.W * C;
-  // Input rows hi0 + r for r in [r_lo, r_hi) are inside the image; the others (the top and bottom
-  // padding) are skipped, so the first and last rows pair too (one branch per input row).
-  const int64_t r_lo = std::max<int64_t>(0, -hi0), r_hi = std::min<int64_t>(R, s.H - hi0);
   // Columns with taps outside the image: one column at a time, for each of the two rows.
   auto edge = [&](int64_t wo) {
-    for (int64_t dr = 0; dr < 2; ++dr) {
-      int64_t kh0, kh1;
-      tap_range(hi0 + dr * S, 1, 3, s.H, kh0, kh1);
-      nhwc_edge_column(s, xn, w, 3, hi0 + dr * S, kh0, kh1, wo, cb, ce,
+    for (int64_t dr = 0; dr < 2; ++dr)
+      nhwc_edge_column(s, xn, w, 3, hi0 + dr * S, 0, 3, wo, cb, ce,
                        [&](int64_t wo_, int64_t c, int64_t cnt, V<T> acc) { epi(dr, wo_, c, cnt, acc); });
-    }
   };
   const ColRange cols_in = interior_columns(s, 3, 1, S);
   const int64_t wlo = cols_in.lo, whi = cols_in.hi;
@@ -389,8 +384,6 @@ inline void nhwc_conv_pair_group_t(const ConvShape& s, const T* x, const T* w, i
     V<T> a0[NB], a1[NB];
     for (int j = 0; j < NB; ++j) a0[j] = a1[j] = V<T>(0);
     for (int r = 0; r < R; ++r) {  // input row hi0 + r: kernel row r of output row 0, r - S of row 1
-      if constexpr (EDGE)
-        if (r < r_lo || r >= r_hi) continue;
       const T* xr = xn + ((hi0 + r) * s.W + wo * S - s.PW) * C + c;
       V<T> xv[NX];
       for (int m = 0; m < NX; ++m) xv[m] = ld(xr + m * C);
@@ -430,19 +423,11 @@ inline int64_t nhwc_conv_rows(const ConvShape& s, const T* x, const T* w, int64_
   const int64_t n = r / s.Ho, ho = r % s.Ho;
   if (r + 1 < r_end && nhwc_pair_ok(s, ho)) {
     constexpr int64_t CB = kChannelGroup<T>;
-    const int64_t hi0 = ho * s.SH - s.PH;
-    auto groups = [&](auto stride, auto edge) {
-      for (int64_t cb = 0; cb < s.C; cb += CB)
-        nhwc_conv_pair_group_t<T, decltype(stride)::value, decltype(edge)::value>(s, x, w, n, ho, cb,
-                                                                                   std::min(s.C, cb + CB), epi);
-    };
-    // The rows of interior pairs are all inside the image: that instantiation has no row checks
-    // (with them, 1x144x56x56 eval took 100-101 us against 95-96).
-    const bool edge = hi0 < 0 || hi0 + s.SH + 2 >= s.H;
-    if (s.SH == 1) edge ? groups(std::integral_constant<int, 1>{}, std::true_type{})
-                        : groups(std::integral_constant<int, 1>{}, std::false_type{});
-    else edge ? groups(std::integral_constant<int, 2>{}, std::true_type{})
-              : groups(std::integral_constant<int, 2>{}, std::false_type{});
+    for (int64_t cb = 0; cb < s.C; cb += CB) {
+      const int64_t ce = std::min(s.C, cb + CB);
+      if (s.SH == 1) nhwc_conv_pair_group_t<T, 1>(s, x, w, n, ho, cb, ce, epi);
+      else nhwc_conv_pair_group_t<T, 2>(s, x, w, n, ho, cb, ce, epi);
+    }
     return 2;
   }
   nhwc_conv_row(s, x, w, n, ho, [&](int64_t wo, int64_t c, int64_t cnt, V<T> acc) { epi(0, wo, c, cnt, acc); });
@@ -1192,7 +1177,8 @@ struct NhwcInputGrad {
     wf.resize(s.taps() * C);
     for (int64_t kh = 0; kh < s.KH; ++kh)
       for (int64_t kw = 0; kw < s.KW; ++kw)
-        copy_short(wf.data() + ((s.KH - 1 - kh) * s.KW + (s.KW - 1 - kw)) * C, w + (kh * s.KW + kw) * C, C);
+        std::memcpy(wf.data() + ((s.KH - 1 - kh) * s.KW + (s.KW - 1 - kw)) * C, w + (kh * s.KW + kw) * C,
+                    sizeof(T) * C);
   }
 
   // Rows [hi, hi_end) of one image's input gradient gxn from gz rows [ho0, ho0 + nrows) of that
@@ -1880,7 +1866,7 @@ struct Slab {
   void in(const T* t, int64_t HW, int64_t n, int64_t c0, int64_t cb, T* slab) const {
     const int64_t C = s.C;
     if (s.nhwc_slabs) {
-      for (int64_t q = 0; q < HW; ++q) copy_short(slab + q * cb, t + (n * HW + q) * C + c0, cb);
+      for (int64_t q = 0; q < HW; ++q) std::memcpy(slab + q * cb, t + (n * HW + q) * C + c0, sizeof(T) * cb);
       return;
     }
     transpose_tile<T>(t + (n * C + c0) * HW, HW, slab, cb, static_cast<int>(cb), static_cast<int>(HW));
@@ -1889,14 +1875,14 @@ struct Slab {
   void out(const T* slab, int64_t HW, int64_t n, int64_t c0, int64_t cb, T* t) const {
     const int64_t C = s.C;
     if (s.nhwc_slabs) {
-      for (int64_t q = 0; q < HW; ++q) copy_short(t + (n * HW + q) * C + c0, slab + q * cb, cb);
+      for (int64_t q = 0; q < HW; ++q) std::memcpy(t + (n * HW + q) * C + c0, slab + q * cb, sizeof(T) * cb);
       return;
     }
     transpose_tile<T>(slab, cb, t + (n * C + c0) * HW, HW, static_cast<int>(HW), static_cast<int>(cb));
   }
   // The weights of block [c0, c0 + cb) from w [taps][C] into wsl [taps][cb].
   void weights(const T* w, int64_t c0, int64_t cb, T* wsl) const {
-    for (int64_t k = 0; k < s.taps(); ++k) copy_short(wsl + k * cb, w + k * s.C + c0, cb);
+    for (int64_t k = 0; k < s.taps(); ++k) std::memcpy(wsl + k * cb, w + k * s.C + c0, sizeof(T) * cb);
   }
 };
 
@@ -1919,12 +1905,11 @@ void forward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const T
       u.C = cb;
       sl.in(x, HW, n, c0, cb, xin.data());
       sl.weights(w, c0, cb, wsl.data());
-      for (int64_t ho = 0; ho < s.Ho;) {
+      for (int64_t ho = 0; ho < s.Ho; ++ho) {
         T* orow = yout.data() + ho * s.Wo * cb;
-        ho += nhwc_conv_rows(u, xin.data(), wsl.data(), ho, s.Ho,
-                             [&](int64_t dr, int64_t wo, int64_t c, int64_t cnt, V<T> acc) {
-                               store(act_fwd<A>(acc + load(b + c0 + c, cnt)), orow + (dr * s.Wo + wo) * cb + c, cnt);
-                             });
+        nhwc_conv_row(u, xin.data(), wsl.data(), 0, ho, [&](int64_t wo, int64_t c, int64_t cnt, V<T> acc) {
+          store(act_fwd<A>(acc + load(b + c0 + c, cnt)), orow + wo * cb + c, cnt);
+        });
       }
       if (stats) {
         // the slab is one "row" of HWo pixels for row_moments, shifted by its first row's mean
@@ -1966,34 +1951,28 @@ void backward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const 
   if (s.N == 0) return;
   const bool grads = gx || gw;
   const double M = double(s.N * HWo);
-  // per (image, channel) partial sums, merged in a fixed order at the end; every entry is written
-  // (keep_sums, slab_grads) before the merge, so none is cleared first
-  const AlignedBuf<double> p1 = aligned_buf<double>(sums ? s.N * C : 0), p2 = aligned_buf<double>(sums ? s.N * C : 0);
-  const AlignedBuf<double> pw = aligned_buf<double>(gw ? s.N * C * (taps + 1) : 0);
+  // per (image, channel) partial sums, merged in a fixed order at the end
+  std::vector<double> p1(sums ? s.N * C : 0), p2(sums ? s.N * C : 0), pw(gw ? s.N * C * (taps + 1) : 0);
   at::parallel_for(0, sl.nb, grain_for(4 * s.N * HWo * CB * taps), [&](int64_t b0, int64_t b1) {
-    // scratch written before it is read
-    const AlignedBuf<T> xs = aligned_buf<T>(HW * CB), zs = aligned_buf<T>(HWo * CB), gos = aligned_buf<T>(HWo * CB);
-    const AlignedBuf<T> gxs = aligned_buf<T>(gx ? HW * CB : 0), wsl = aligned_buf<T>(taps * CB);
+    AlignedVec<T> xs(HW * CB), zs(HWo * CB), gos(HWo * CB), gxs(gx ? HW * CB : 0), wsl(taps * CB);
     AlignedVec<T> k2(CB, T(0)), k3(CB, T(0)), r1(CB), r2(CB), rw(gw ? taps * CB : 0), rb(gw ? CB : 0);
     NhwcInputGrad<T> ig(sl.u);
     ConvShape u = sl.u;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = sl.c0(b), cb = sl.width(b);
       u.C = cb;
-      sl.weights(w, c0, cb, wsl.get());
-      if (gx) ig.set_weights(wsl.get(), cb);
+      sl.weights(w, c0, cb, wsl.data());
+      if (gx) ig.set_weights(wsl.data(), cb);
       const BwdParams<T> pb{p.a1 + c0, p.a0 + c0, p.gamma + c0, p.beta + c0, p.k1 + c0,
                             training ? k2.data() : p.k2 + c0, training ? k3.data() : p.k3 + c0};
       // z of image n into zs (x and grad_out into their slabs on the way)
       auto slab_z = [&](int64_t n) {
-        sl.in(x, HW, n, c0, cb, xs.get());
-        sl.in(go, HWo, n, c0, cb, gos.get());
-        for (int64_t ho = 0; ho < s.Ho;) {
-          T* zr = zs.get() + ho * s.Wo * cb;
-          ho += nhwc_conv_rows(u, xs.get(), wsl.get(), ho, s.Ho,
-                               [&](int64_t dr, int64_t wo, int64_t c, int64_t cnt, V<T> acc) {
-                                 store(acc, zr + (dr * s.Wo + wo) * cb + c, cnt);
-                               });
+        sl.in(x, HW, n, c0, cb, xs.data());
+        sl.in(go, HWo, n, c0, cb, gos.data());
+        for (int64_t ho = 0; ho < s.Ho; ++ho) {
+          T* zr = zs.data() + ho * s.Wo * cb;
+          nhwc_conv_row(u, xs.data(), wsl.data(), 0, ho,
+                        [&](int64_t wo, int64_t c, int64_t cnt, V<T> acc) { store(acc, zr + wo * cb + c, cnt); });
         }
       };
       auto keep_sums = [&](int64_t n) {
@@ -2008,22 +1987,22 @@ void backward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const 
           std::fill(rw.begin(), rw.end(), T(0));
           std::fill(rb.begin(), rb.end(), T(0));
           for (int64_t ho = 0; ho < s.Ho; ++ho)
-            wgrad_row(u, xs.get(), zs.get() + ho * s.Wo * cb, 0, ho, rw.data(), rb.data());
-          double* dst = pw.get() + (n * C + c0) * (taps + 1);
+            wgrad_row(u, xs.data(), zs.data() + ho * s.Wo * cb, 0, ho, rw.data(), rb.data());
+          double* dst = pw.data() + (n * C + c0) * (taps + 1);
           for (int64_t c = 0; c < cb; ++c) {
             for (int64_t k = 0; k < taps; ++k) dst[c * (taps + 1) + k] = rw[k * cb + c];
             dst[c * (taps + 1) + taps] = rb[c];
           }
         }
         if (gx) {
-          for (int64_t hi = 0; hi < s.H;) hi += ig.rows_from(zs.get(), 0, s.Ho, gxs.get(), hi, s.H);
-          sl.out(gxs.get(), HW, n, c0, cb, gx);
+          for (int64_t hi = 0; hi < s.H;) hi += ig.rows_from(zs.data(), 0, s.Ho, gxs.data(), hi, s.H);
+          sl.out(gxs.data(), HW, n, c0, cb, gx);
         }
       };
       if (!training) {
         for (int64_t n = 0; n < s.N; ++n) {
           slab_z(n);
-          bn_act_grad_row<T, A>(zs.get(), gos.get(), grads ? zs.get() : nullptr, HWo, cb, pb,
+          bn_act_grad_row<T, A>(zs.data(), gos.data(), grads ? zs.data() : nullptr, HWo, cb, pb,
                                 sums ? r1.data() : nullptr, r2.data());
           if (sums) keep_sums(n);
           if (grads) slab_grads(n);
@@ -2032,7 +2011,7 @@ void backward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const 
       }
       for (int64_t n = 0; n < s.N; ++n) {
         slab_z(n);
-        bn_act_grad_row<T, A>(zs.get(), gos.get(), nullptr, HWo, cb, pb, r1.data(), r2.data());
+        bn_act_grad_row<T, A>(zs.data(), gos.data(), nullptr, HWo, cb, pb, r1.data(), r2.data());
         keep_sums(n);
       }
       if (!grads) continue;
@@ -2049,12 +2028,12 @@ void backward_small_nchw_impl(const ConvShape& s, const T* x, const T* w, const 
       }
       for (int64_t n = 0; n < s.N; ++n) {
         if (s.N > 1) slab_z(n);
-        bn_act_grad_row<T, A>(zs.get(), gos.get(), zs.get(), HWo, cb, pb, nullptr, nullptr);
+        bn_act_grad_row<T, A>(zs.data(), gos.data(), zs.data(), HWo, cb, pb, nullptr, nullptr);
         slab_grads(n);
       }
     }
   });
-  merge_image_grads(s.N, C, taps, sums ? p1.get() : nullptr, p2.get(), gw ? pw.get() : nullptr, sum_gy, sum_gyx,
+  merge_image_grads(s.N, C, taps, sums ? p1.data() : nullptr, p2.data(), gw ? pw.data() : nullptr, sum_gy, sum_gyx,
                     gw, gb);
 }
 

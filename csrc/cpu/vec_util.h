@@ -23,20 +23,6 @@ inline void store(const V<T>& v, T* p, int64_t n) {
   if (n == V<T>::size()) v.store(p); else v.store(p, n);
 }
 
-// dst[0, n) = src[0, n) a vector at a time (the last one partial): for copies of a few vectors,
-// where the call to memcpy costs more than the copy (the channels_last slabs copy 64 channels per
-// pixel). The empty asm hides the index from GCC, which otherwise turns the loop back into a call
-// to memcpy (it did, with plain and with masked vector moves).
-template <typename T>
-inline void copy_short(T* dst, const T* src, int64_t n) {
-  constexpr int64_t VL = V<T>::size();
-  for (int64_t i = 0; i < n; i += VL) {
-    const int64_t cnt = std::min(VL, n - i);
-    store(load(src + i, cnt), dst + i, cnt);
-    __asm__("" : "+r"(i));
-  }
-}
-
 // Software prefetch (into every cache level) of the 64-byte lines covering [p, p + bytes).
 inline void prefetch_lines(const void* p, int64_t bytes) {
   const auto end = reinterpret_cast<uintptr_t>(p) + bytes;
